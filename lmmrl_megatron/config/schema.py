@@ -1,0 +1,32 @@
+"""The one run configuration: every section of a run, read by the CLI, the scripts and the Ray workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmmrl_megatron.config.sections import (
+    CheckpointConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    RolloutConfig,
+    TrainerConfig,
+)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        model_parallel = self.parallel.tp * self.parallel.pp
+        if self.trainer.actor_world_size % model_parallel != 0:
+            raise ValueError(
+                f"trainer.actor_world_size={self.trainer.actor_world_size} is not a multiple of "
+                f"parallel.tp * parallel.pp = {model_parallel}"
+            )

@@ -1,0 +1,139 @@
+"""Configuration sections owned by the trainer itself: model, parallelism, rollout, trainer, logging, checkpoint.
+
+The algorithm, data and reward sections live beside their code (`algorithms/config.py`, `data/config.py`,
+`reward/config.py`); `schema.RunConfig` composes them all into the one schema the CLI, scripts and workers read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to train and how to build the Megatron model from it."""
+
+    pretrain: str = ""  # a Hugging Face Qwen2-VL / Qwen2.5-VL directory
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    recompute: Literal["none", "selective", "full"] = "none"
+    freeze_vision: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron layout of each trained model; data parallel size is what the world size leaves."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    sequence_parallel: bool = False
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
+            raise ValueError(f"parallel.vpp={self.vpp} needs vpp >= 2 and pp >= 2 (pp={self.pp})")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: which engine, how many, and how it samples."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    num_engines: int = 1
+    engine_tp: int = 1
+    rollout_batch_size: int = 8  # prompts per RL step
+    n_samples_per_prompt: int = 4
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    gpu_memory_utilization: float = 0.6
+    enable_sleep: bool = True
+    weight_sync_bucket_mb: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("num_engines", "engine_tp", "rollout_batch_size", "n_samples_per_prompt", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError("adam_beta1 and adam_beta2 must be in [0, 1)")
+
+
+@dataclass
+class TrainerConfig:
+    """Placement and the optimisation loop."""
+
+    num_nodes: int = 1
+    num_gpus_per_node: int = 0  # 0: CPU with gloo (tests and the embedded default)
+    actor_world_size: int = 1  # ranks of the actor; tp * pp must divide it
+    colocate_all_models: bool = True
+    max_steps: int = 10
+    num_episodes: int = 1
+    train_batch_size: int = 32  # sequences per optimizer step
+    max_tokens_per_micro_batch: int = 4096  # micro-batches are formed by a token budget, not a count
+    seed: int = 42
+    actor: OptimizerConfig = field(default_factory=OptimizerConfig)
+    critic: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-6))
+
+    def __post_init__(self) -> None:
+        for name in ("num_nodes", "actor_world_size", "max_steps", "train_batch_size", "max_tokens_per_micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_gpus_per_node < 0:
+            raise ValueError(f"trainer.num_gpus_per_node must be >= 0, got {self.num_gpus_per_node}")
+
+
+@dataclass
+class LoggingConfig:
+    logging_steps: int = 1
+    use_tensorboard: bool = True
+    use_wandb: bool = False
+    wandb_project: str = "lmmrl-megatron"
+    wandb_run_name: str | None = None
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    save_path: str = "./outputs/run"
+    save_steps: int = 0  # 0: only at the end
+    resume: str = "auto"  # "auto" (latest under save_path), "none", or a checkpoint directory
+    save_hf: bool = False
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        if self.save_steps < 0:
+            raise ValueError(f"checkpoint.save_steps must be >= 0, got {self.save_steps}")
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")

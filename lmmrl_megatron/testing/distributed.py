@@ -1,0 +1,124 @@
+"""Run a function in N local processes with gloo and Megatron-Core's parallel state, for CPU tests.
+
+    results = run_distributed(check_forward, world_size=4, tp=2, pp=2, args=(ckpt_dir,))
+
+`fn` must be importable by name (a module-level function) because the workers are spawned. Each worker gets the
+test-only CPU shim, `torch.distributed` on gloo, `parallel_state.initialize_model_parallel(tp, pp)` and
+Megatron's model-parallel seeds; its return value comes back in rank order. An exception in any worker fails the
+call with that worker's traceback; a hung worker is killed at the timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The parallel layout a distributed test runs at; data parallel size is what is left of the world."""
+
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    def __post_init__(self) -> None:
+        if self.world_size % (self.tp * self.pp) != 0:
+            raise ValueError(f"world_size={self.world_size} is not a multiple of tp*pp={self.tp * self.pp}")
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_megatron_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
+    """Initialise Megatron-Core's parallel groups and RNG in an already initialised gloo process group."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def _worker(
+    rank: int, layout: ParallelLayout, port: int, fn: Callable[..., Any], args: tuple, results: Any
+) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = str(layout.world_size)
+    torch.set_num_threads(1)  # N workers share a couple of cores; more threads only thrash
+    try:
+        from lmmrl_megatron.testing.cpu_shim import install_cpu_shim
+
+        install_cpu_shim()
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=layout.world_size)
+        init_megatron_parallel(layout)
+        value = fn(*args)
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    args: tuple = (),
+    timeout_s: float = 300.0,
+) -> list[Any]:
+    """Run `fn(*args)` on `world_size` gloo ranks at the given TP x PP layout; return the results by rank."""
+    layout = ParallelLayout(world_size=world_size, tp=tp, pp=pp, vpp=vpp)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = find_free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, layout, port, fn, args, results), daemon=True)
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    by_rank: dict[int, Any] = {}
+    failures: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, ok, value = results.get(timeout=timeout_s)
+            if ok:
+                by_rank[rank] = value
+            else:
+                failures.append(f"--- rank {rank} ---\n{value}")
+                break  # the other ranks are likely blocked in a collective with the failed one
+    except Exception as exc:  # queue.Empty on timeout
+        failures.append(f"timed out after {timeout_s}s waiting for ranks {set(range(world_size)) - set(by_rank)}: {exc!r}")
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if not failures else 0.5)
+            if proc.is_alive():
+                proc.kill()
+    if failures:
+        raise RuntimeError("distributed run failed:\n" + "\n".join(failures))
+    return [by_rank[rank] for rank in range(world_size)]
