@@ -1,0 +1,134 @@
+"""A rollout engine on Hugging Face transformers: works on CPU and on one GPU, fed by the same weight export as vLLM."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Iterable, Sequence
+
+import torch
+
+from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
+
+
+def _params_by_checkpoint_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameters keyed by the names they have on disk (`model.layers.*`, `visual.*`, `lm_head.*`), which is
+    what the weight export yields, and also by their module names.
+
+    transformers 5 renames checkpoint keys when it loads (`model.layers` -> `model.language_model.layers`) and
+    reverts the renaming when it saves; its own revert function gives the on-disk name of each parameter.
+    """
+    params = dict(model.named_parameters())
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # older transformers load checkpoints without renaming
+        return params
+    by_id = {id(p): p for p in params.values()}
+    on_disk = revert_weight_conversion(model, dict(params))
+    return {**params, **{name: by_id[id(t)] for name, t in on_disk.items() if id(t) in by_id}}
+
+
+class HFRolloutEngine:
+    """Batched sampling with `model.generate` over left-padded multimodal prompts."""
+
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        from transformers import AutoModelForImageTextToText, GenerationConfig
+
+        self.device = torch.device(device)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        config = self.model.config
+        self.image_token_id: int = config.image_token_id
+        self.video_token_id: int = config.video_token_id
+        generation = GenerationConfig.from_pretrained(model_dir)
+        eos = generation.eos_token_id
+        self.eos_token_ids: list[int] = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self.pad_token_id: int = generation.pad_token_id if generation.pad_token_id is not None else self.eos_token_ids[0]
+        # transformers >= 5.2x derives multimodal rotary positions only when told which tokens are image tokens.
+        self._takes_mm_token_types = "mm_token_type_ids" in inspect.signature(self.model.forward).parameters
+        self._params = _params_by_checkpoint_name(self.model)
+        self._asleep = False
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def _collate(self, prompts: Sequence[MultimodalPrompt], n: int) -> dict[str, torch.Tensor]:
+        """Left-pad every prompt repeated `n` times, and concatenate their images in the same row order."""
+        rows = [p for p in prompts for _ in range(n)]
+        max_len = max(p.prompt_ids.numel() for p in rows)
+        input_ids = torch.full((len(rows), max_len), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), max_len), dtype=torch.long)
+        for i, p in enumerate(rows):
+            input_ids[i, max_len - p.prompt_ids.numel() :] = p.prompt_ids
+            attention_mask[i, max_len - p.prompt_ids.numel() :] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        with_images = [p for p in rows if p.pixel_values is not None]
+        if with_images:
+            batch["pixel_values"] = torch.cat([p.pixel_values for p in with_images])
+            batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images])
+        if self._takes_mm_token_types:
+            types = torch.zeros_like(input_ids)
+            types[input_ids == self.image_token_id] = 1
+            types[input_ids == self.video_token_id] = 2
+            batch["mm_token_type_ids"] = types
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[MultimodalPrompt], params: SamplingParams) -> list[list[GenerationOutput]]:
+        assert not self._asleep, "wake_up() the engine before generate()"
+        if not prompts:
+            return []
+        batch = self._collate(prompts, params.n)
+        stop_ids = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
+        greedy = params.temperature == 0
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        out = self.model.generate(
+            **batch,
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None if greedy or params.top_k < 0 else params.top_k,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=self.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_tokens = out.sequences[:, batch["input_ids"].shape[1] :].cpu()
+        # Raw logits of every step, tempered as the trainer tempers them (greedy is scored at temperature 1).
+        logits = torch.stack(out.logits, dim=1).float().cpu() / (params.temperature if not greedy else 1.0)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        results: list[list[GenerationOutput]] = []
+        for row in range(new_tokens.shape[0]):
+            tokens = new_tokens[row]
+            is_stop = torch.isin(tokens, torch.tensor(stop_ids))
+            length = int(is_stop.nonzero()[0]) + 1 if is_stop.any() else tokens.numel()
+            finish = "stop" if is_stop.any() else "length"
+            output = GenerationOutput(tokens[:length].clone(), logprobs[row, :length].clone(), finish)
+            if row % params.n == 0:
+                results.append([])
+            results[-1].append(output)
+        return results
+
+    # -- weights and memory ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        assert not self._asleep, "wake_up() the engine before update_weights()"
+        num_loaded = 0
+        for name, tensor in named_tensors:
+            param = self._params.get(name)
+            if param is None:
+                raise ValueError(f"update_weights: {name!r} is not a parameter of the rollout model")
+            if param.shape != tensor.shape:
+                raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+            num_loaded += 1
+        return num_loaded
+
+    def sleep(self) -> None:
+        if self.device.type != "cpu":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        self._asleep = True
+
+    def wake_up(self) -> None:
+        if self.device.type != "cpu":
+            self.model.to(self.device)
+        self._asleep = False
