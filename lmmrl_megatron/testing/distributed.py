@@ -11,7 +11,8 @@ call with that worker's traceback; a hung worker is killed at the timeout.
 from __future__ import annotations
 
 import os
-import socket
+import shutil
+import tempfile
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -38,12 +39,6 @@ class ParallelLayout:
             raise ValueError(f"world_size={self.world_size} is not a multiple of tp*pp={self.tp * self.pp}")
 
 
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_megatron_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
     """Initialise Megatron-Core's parallel groups and RNG in an already initialised gloo process group."""
     from megatron.core import parallel_state, tensor_parallel
@@ -58,16 +53,18 @@ def init_megatron_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
 
 
 def _worker(
-    rank: int, layout: ParallelLayout, port: int, fn: Callable[..., Any], args: tuple, results: Any
+    rank: int, layout: ParallelLayout, store_path: str, fn: Callable[..., Any], args: tuple, results: Any
 ) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
-    os.environ["WORLD_SIZE"] = str(layout.world_size)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(layout.world_size))
     torch.set_num_threads(1)  # N workers share a couple of cores; more threads only thrash
     try:
         from lmmrl_megatron.testing.cpu_shim import install_cpu_shim
 
         install_cpu_shim()
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=layout.world_size)
+        # A file rendezvous, not a TCP port: parallel test runs on one machine cannot collide on it.
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{store_path}", rank=rank, world_size=layout.world_size
+        )
         init_megatron_parallel(layout)
         value = fn(*args)
         results.put((rank, True, value))
@@ -95,9 +92,10 @@ def run_distributed(
     layout = ParallelLayout(world_size=world_size, tp=tp, pp=pp, vpp=vpp)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = find_free_port()
+    store_dir = tempfile.mkdtemp(prefix="lmmrl-dist-")
+    store_path = os.path.join(store_dir, "store")
     procs = [
-        ctx.Process(target=_worker, args=(rank, layout, port, fn, args, results), daemon=True)
+        ctx.Process(target=_worker, args=(rank, layout, store_path, fn, args, results), daemon=True)
         for rank in range(world_size)
     ]
     for proc in procs:
@@ -119,6 +117,7 @@ def run_distributed(
             proc.join(timeout=5 if not failures else 0.5)
             if proc.is_alive():
                 proc.kill()
+        shutil.rmtree(store_dir, ignore_errors=True)
     if failures:
         raise RuntimeError("distributed run failed:\n" + "\n".join(failures))
     return [by_rank[rank] for rank in range(world_size)]

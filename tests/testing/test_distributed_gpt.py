@@ -7,42 +7,13 @@ micro-batches, and must give the loss and the embedding gradient of the unsharde
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
 from lmmrl_megatron.testing.distributed import run_distributed
+from lmmrl_megatron.testing.tiny_gpt import VOCAB, build_tiny_gpt
 
-VOCAB, HIDDEN, HEADS, LAYERS, SEQ, MICRO_BATCH, NUM_MICROBATCHES = 64, 32, 4, 4, 16, 2, 2
-
-
-def _global_name(model, local_name: str) -> str:
-    """Map a stage-local parameter name to the global one by the layer's global (1-based) layer_number."""
-    parts = local_name.split(".")
-    if "layers" in parts:
-        idx = parts.index("layers")
-        layer = model.decoder.layers[int(parts[idx + 1])]
-        parts[idx + 1] = str(layer.layer_number - 1)
-    return ".".join(parts)
-
-
-def _init_by_global_name(model, tp_rank: int, tp_size: int) -> None:
-    """Fill every parameter from the full tensor its global name seeds, then take this rank's TP slice."""
-    for name, param in model.named_parameters():
-        global_name = _global_name(model, name)
-        seed = int(hashlib.sha256(global_name.encode()).hexdigest()[:8], 16)
-        shape = list(param.shape)
-        split_dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-        if split_dim is not None:
-            shape[split_dim] *= tp_size
-        full = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.05
-        if name.endswith("layer_norm_weight") or name.endswith("final_layernorm.weight"):
-            full = 1.0 + full
-        if split_dim is not None:
-            full = full.chunk(tp_size, dim=split_dim)[tp_rank]
-        with torch.no_grad():
-            param.copy_(full)
+SEQ, MICRO_BATCH, NUM_MICROBATCHES = 16, 2, 2
 
 
 def _batches() -> list[dict[str, torch.Tensor]]:
@@ -54,36 +25,9 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 def one_training_step() -> dict[str, object]:
     """Worker body: build the GPT for this rank's stage, run one forward+backward, return loss and grads."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer import TransformerConfig
 
-    config = TransformerConfig(
-        num_layers=LAYERS,
-        hidden_size=HIDDEN,
-        num_attention_heads=HEADS,
-        num_query_groups=2,
-        ffn_hidden_size=2 * HIDDEN,
-        use_cpu_initialization=True,
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        pipeline_dtype=torch.float32,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-    )
-    model = GPTModel(
-        config,
-        get_gpt_layer_local_spec(),
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        position_embedding_type="rope",
-    )
-    _init_by_global_name(model, ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+    model = build_tiny_gpt()
 
     position_ids = torch.arange(SEQ).unsqueeze(0).expand(MICRO_BATCH, SEQ)
 
