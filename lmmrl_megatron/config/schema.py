@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmmrl_megatron.algorithms.config import AlgorithmConfig
 from lmmrl_megatron.config.sections import (
     CheckpointConfig,
     LoggingConfig,
@@ -12,13 +13,18 @@ from lmmrl_megatron.config.sections import (
     RolloutConfig,
     TrainerConfig,
 )
+from lmmrl_megatron.data.config import DataConfig
+from lmmrl_megatron.reward.config import RewardConfig
 
 
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

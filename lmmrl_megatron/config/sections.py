@@ -49,8 +49,7 @@ class RolloutConfig:
     backend: Literal["hf", "vllm"] = "hf"
     num_engines: int = 1
     engine_tp: int = 1
-    rollout_batch_size: int = 8  # prompts per RL step
-    n_samples_per_prompt: int = 4
+    rollout_batch_size: int = 8  # prompts per RL step (responses per prompt: algorithm.n_samples_per_prompt)
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -60,7 +59,7 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("num_engines", "engine_tp", "rollout_batch_size", "n_samples_per_prompt", "max_new_tokens"):
+        for name in ("num_engines", "engine_tp", "rollout_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.top_p <= 1.0:

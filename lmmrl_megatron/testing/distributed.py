@@ -3,7 +3,7 @@
     results = run_distributed(check_forward, world_size=4, tp=2, pp=2, args=(ckpt_dir,))
 
 `fn` must be importable by name (a module-level function) because the workers are spawned. Each worker gets the
-test-only CPU shim, `torch.distributed` on gloo, `parallel_state.initialize_model_parallel(tp, pp)` and
+CPU backend, `torch.distributed` on gloo, `parallel_state.initialize_model_parallel(tp, pp)` and
 Megatron's model-parallel seeds; its return value comes back in rank order. An exception in any worker fails the
 call with that worker's traceback; a hung worker is killed at the timeout.
 """
@@ -58,9 +58,9 @@ def _worker(
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(layout.world_size))
     torch.set_num_threads(1)  # N workers share a couple of cores; more threads only thrash
     try:
-        from lmmrl_megatron.testing.cpu_shim import install_cpu_shim
+        from lmmrl_megatron.parallel.cpu_backend import install_cpu_backend
 
-        install_cpu_shim()
+        install_cpu_backend()
         # A file rendezvous, not a TCP port: parallel test runs on one machine cannot collide on it.
         torch.distributed.init_process_group(
             "gloo", init_method=f"file://{store_path}", rank=rank, world_size=layout.world_size

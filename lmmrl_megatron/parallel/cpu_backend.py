@@ -1,10 +1,12 @@
-"""Test-only shim that lets Megatron-Core's training stack run on CPU with gloo.
+"""The CPU backend: lets Megatron-Core's training stack run on CPU with gloo.
 
 Megatron-Core assumes CUDA in a handful of places that have nothing to do with the maths: tensors created with
 `device=torch.cuda.current_device()` or `device="cuda"` (rotary inv_freq, causal masks, schedule counters),
 `.cuda()` calls, `Tensor.type()` string checks against `torch.cuda.FloatTensor` (optimizer, grad clipping),
 streams/events/synchronize, and the CUDA RNG tracker. This module redirects each of them to the CPU, so tests can
-run real tensor/pipeline/data parallelism in N local processes. Production code never imports it.
+run real tensor/pipeline/data parallelism in N local processes, and the trainer can run the embedded default
+(`trainer.num_gpus_per_node: 0`) on a machine without a GPU. It is installed only in processes that have no GPU
+to use — the test harness and CPU trainer workers — and never changes anything on a GPU run.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _install_cpu_rng_tracker() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
-def install_cpu_shim() -> None:
+def install_cpu_backend() -> None:
     """Make Megatron-Core's CUDA-only code paths run on CPU in this process (idempotent)."""
     global _installed_mode
     if _installed_mode is not None:

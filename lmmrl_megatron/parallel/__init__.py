@@ -1,0 +1,1 @@
+"""Process groups and platform backends for Megatron-Core."""
