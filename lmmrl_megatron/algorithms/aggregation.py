@@ -1,0 +1,84 @@
+"""Reducing per-token losses to one scalar, correctly across micro-batches and data-parallel ranks.
+
+A global batch is split over data-parallel ranks and, on each rank, into micro-batches whose gradients are
+accumulated. Each mode is a sum over tokens or sequences divided by a count over the *global* batch, so each
+micro-batch contributes its own sum divided by that global count (`normaliser`), and summing the micro-batch
+losses over micro-batches and ranks gives exactly the loss of the whole global batch:
+
+    token_mean           sum_{valid tokens} l_t                              / num_valid_tokens(global)
+    seq_mean_token_mean  sum_{sequences} (sum_t l_t / num_valid_tokens(seq))  / num_sequences(global)
+    seq_mean_token_sum   sum_{sequences} sum_t l_t                           / num_sequences(global)
+
+A sequence counts when it has at least one valid token, so all-padding rows change nothing. Dividing by each
+micro-batch's own count instead would weight a token of a short micro-batch more than one of a long micro-batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lmmrl_megatron.algorithms.config import LossAggMode
+from lmmrl_megatron.algorithms.masked import as_bool_mask, masked_sum
+from lmmrl_megatron.algorithms.packing import per_sequence_count, per_sequence_sum
+
+Normaliser = float | int | Tensor
+
+
+def aggregation_count(mask: Tensor, mode: LossAggMode, cu_seqlens: Tensor | None = None) -> Tensor:
+    """This batch's contribution to the normaliser of `mode`: its valid tokens, or its non-empty sequences.
+
+    Sum it over the micro-batches of a rank and all-reduce it over the data-parallel group (see
+    `global_aggregation_count`) to get the `normaliser` every micro-batch of the step then uses.
+    """
+    bool_mask = as_bool_mask(mask)
+    if mode == "token_mean":
+        return bool_mask.sum()
+    if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
+        return (per_sequence_count(bool_mask, cu_seqlens) > 0).sum()
+    raise ValueError(f"unknown loss_agg_mode {mode!r}")
+
+
+def global_aggregation_count(
+    masks: list[Tensor],
+    mode: LossAggMode,
+    cu_seqlens: list[Tensor | None] | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Normaliser for one optimizer step: the counts of this rank's micro-batches, summed over `process_group`."""
+    seqlens = cu_seqlens if cu_seqlens is not None else [None] * len(masks)
+    if len(seqlens) != len(masks):
+        raise ValueError(f"got {len(masks)} masks but {len(seqlens)} cu_seqlens")
+    counts = [aggregation_count(mask, mode, cu) for mask, cu in zip(masks, seqlens)]
+    total = torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.long)
+    if process_group is not None:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=process_group)
+    return total
+
+
+def aggregate(
+    token_values: Tensor,
+    mask: Tensor,
+    mode: LossAggMode,
+    normaliser: Normaliser | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Reduce per-token values ([batch, seq] padded, or 1-D packed with `cu_seqlens`) to this batch's share.
+
+    `normaliser` is the global count of the mode (`global_aggregation_count`); None means this batch is the
+    whole global batch. Masked positions never contribute, whatever they hold.
+    """
+    if normaliser is None:
+        normaliser = aggregation_count(mask, mode, cu_seqlens).clamp(min=1)
+    elif isinstance(normaliser, (int, float)) and not normaliser > 0:
+        raise ValueError(f"loss normaliser must be > 0 (a global token or sequence count), got {normaliser}")
+    if mode == "token_mean":
+        return masked_sum(token_values, mask) / normaliser
+    sequence_sums = per_sequence_sum(token_values, mask, cu_seqlens)
+    if mode == "seq_mean_token_sum":
+        return sequence_sums.sum() / normaliser
+    if mode == "seq_mean_token_mean":
+        sequence_lengths = per_sequence_count(mask, cu_seqlens).clamp(min=1)
+        return (sequence_sums / sequence_lengths).sum() / normaliser
+    raise ValueError(f"unknown loss_agg_mode {mode!r}")
