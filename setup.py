@@ -43,6 +43,7 @@ setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
+            "lmmrl-train=lmmrl_megatron.cli.train:main",
             "lmmrl-make-tiny=lmmrl_megatron.testing.make_tiny:main",
         ]
     },

@@ -30,6 +30,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
+        self.algorithm.check_samples_per_prompt(self.rollout.n_samples_per_prompt)
         model_parallel = self.parallel.tp * self.parallel.pp
         if self.trainer.actor_world_size % model_parallel != 0:
             raise ValueError(

@@ -49,7 +49,8 @@ class RolloutConfig:
     backend: Literal["hf", "vllm"] = "hf"
     num_engines: int = 1
     engine_tp: int = 1
-    rollout_batch_size: int = 8  # prompts per RL step (responses per prompt: algorithm.n_samples_per_prompt)
+    rollout_batch_size: int = 8  # prompts per RL step
+    n_samples_per_prompt: int = 4  # responses per prompt: the group of the group estimators
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -59,7 +60,7 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("num_engines", "engine_tp", "rollout_batch_size", "max_new_tokens"):
+        for name in ("num_engines", "engine_tp", "rollout_batch_size", "n_samples_per_prompt", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.top_p <= 1.0:
@@ -100,6 +101,7 @@ class TrainerConfig:
     num_episodes: int = 1
     train_batch_size: int = 32  # sequences per optimizer step
     max_tokens_per_micro_batch: int = 4096  # micro-batches are formed by a token budget, not a count
+    filter_uniform_groups: bool = False  # drop prompts whose n rewards are all equal (no signal for group baselines)
     seed: int = 42
     actor: OptimizerConfig = field(default_factory=OptimizerConfig)
     critic: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-6))

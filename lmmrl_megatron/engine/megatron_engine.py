@@ -14,7 +14,7 @@ tokens fall across micro-batches and ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -30,17 +30,21 @@ class ForwardFn(Protocol):
     def __call__(self, model: torch.nn.Module, micro_batch: MicroBatch) -> Tensor: ...
 
 
+Head = Literal["logprobs", "values"]
+
+
 @dataclass
 class TokenStats:
     """What a forward pass yields per micro-batch on the last pipeline stage."""
 
     micro_batch: MicroBatch
-    logprobs: Tensor  # [B, S] log p(labels) at the engine's temperature
-    entropy: Tensor  # [B, S]
+    values: Tensor  # [B, S]: log p(labels) at the engine's temperature (policy head), or V(s_t) (value head)
+    entropy: Tensor | None  # [B, S] policy entropy (policy head only)
 
 
-# loss_fn(logprobs, entropy, micro_batch) -> (share of the global loss, metrics to sum over micro-batches)
-LossFn = Callable[[Tensor, Tensor, MicroBatch], tuple[Tensor, dict[str, float]]]
+# loss_fn(values, entropy, micro_batch) -> (share of the global loss, metrics to sum over micro-batches);
+# values/entropy as in TokenStats, with gradient.
+LossFn = Callable[[Tensor, Tensor | None, MicroBatch], tuple[Tensor, dict[str, float]]]
 
 
 class MegatronEngine:
@@ -52,11 +56,13 @@ class MegatronEngine:
         optimizer_config: OptimizerConfig | None,
         temperature: float = 1.0,
         bf16: bool = False,
+        head: Head = "logprobs",
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
         self.forward_fn = forward_fn
+        self.head = head
         self.num_real_vocab = num_real_vocab
         self.temperature = temperature
         self.transformer_config = model_chunks[0].config
@@ -103,7 +109,9 @@ class MegatronEngine:
         )
         return get_megatron_optimizer(mcore_cfg, self.model)
 
-    def _token_stats(self, output: Tensor, micro_batch: MicroBatch) -> tuple[Tensor, Tensor]:
+    def _token_stats(self, output: Tensor, micro_batch: MicroBatch) -> tuple[Tensor, Tensor | None]:
+        if self.head == "values":
+            return output.squeeze(-1).float(), None
         return vocab_parallel_logprobs(
             output, micro_batch.labels, self.num_real_vocab, self.tp_rank, self.tp_group, self.temperature
         )
@@ -118,11 +126,11 @@ class MegatronEngine:
             output = self.forward_fn(model, micro_batch)
 
             def loss_func(logits: Tensor):
-                logprobs, entropy = self._token_stats(logits, micro_batch)
+                values, entropy = self._token_stats(logits, micro_batch)
                 if loss_fn is None:
-                    stats = TokenStats(micro_batch, logprobs.detach(), entropy.detach())
+                    stats = TokenStats(micro_batch, values.detach(), None if entropy is None else entropy.detach())
                     return logits.new_zeros(()), {"stats": stats}
-                loss, metrics = loss_fn(logprobs, entropy, micro_batch)
+                loss, metrics = loss_fn(values, entropy, micro_batch)
                 return loss * num_micro_batches * self.dp_size, {"metrics": metrics}
 
             return output, loss_func
@@ -141,8 +149,8 @@ class MegatronEngine:
         )
 
     @torch.no_grad()
-    def compute_logprobs(self, micro_batches: list[MicroBatch]) -> list[TokenStats]:
-        """Log-probs and entropy of every micro-batch; non-empty on the last pipeline stage only."""
+    def forward_only(self, micro_batches: list[MicroBatch]) -> list[TokenStats]:
+        """Per-token outputs of every micro-batch (see TokenStats); non-empty on the last pipeline stage only."""
         for chunk in self.model:
             chunk.eval()
         outputs = self._run(micro_batches, loss_fn=None, forward_only=True)

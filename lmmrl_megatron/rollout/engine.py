@@ -4,7 +4,9 @@ An engine takes already-processed multimodal prompts (token ids plus the process
 so images are processed once per prompt and reused for training), samples `n` responses per prompt, and returns
 each response's token ids with the log-prob of every sampled token. Log-probs are those of the tempered
 distribution, `log_softmax(logits / temperature)`, before top-p/top-k truncation: the trainer computes the same
-quantity, so the two agree up to numerics when their weights agree.
+quantity, so the two agree up to numerics when their weights agree. Engines never sample the vision placeholder
+tokens (`<|image_pad|>`, `<|video_pad|>`, `<|vision_start|>`, `<|vision_end|>`): in a response they would be
+taken for image positions when the sequence is trained on.
 """
 
 from __future__ import annotations

@@ -38,6 +38,10 @@ class HFRolloutEngine:
         config = self.model.config
         self.image_token_id: int = config.image_token_id
         self.video_token_id: int = config.video_token_id
+        # A response must never contain vision placeholders: the trainer would take them for image positions.
+        self.suppressed_token_ids = [
+            config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id
+        ]
         generation = GenerationConfig.from_pretrained(model_dir)
         eos = generation.eos_token_id
         self.eos_token_ids: list[int] = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -88,6 +92,7 @@ class HFRolloutEngine:
             max_new_tokens=params.max_new_tokens,
             eos_token_id=stop_ids,
             pad_token_id=self.pad_token_id,
+            suppress_tokens=self.suppressed_token_ids,
             output_logits=True,
             return_dict_in_generate=True,
         )

@@ -61,12 +61,12 @@ def engine_worker() -> dict[str, object]:
     def gather(stats):
         out = {}
         for st in stats:
-            out.update({i: v for i, v in response_values(st.micro_batch, st.logprobs, samples)})
+            out.update({i: v for i, v in response_values(st.micro_batch, st.values, samples)})
         return out
 
-    before = gather(engine.compute_logprobs(micro_batches))
+    before = gather(engine.forward_only(micro_batches))
     metrics = engine.train_step(micro_batches, token_mean_pg_loss)
-    after = gather(engine.compute_logprobs(micro_batches))
+    after = gather(engine.forward_only(micro_batches))
     return {"last_stage": ps.is_pipeline_last_stage(), "before": before, "after": after, "metrics": metrics}
 
 

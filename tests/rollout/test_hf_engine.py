@@ -70,6 +70,7 @@ def test_generate_shapes_stop_and_logprobs_match_a_forward_pass(checkpoints) -> 
             else:
                 assert out.response_ids.numel() == 12
             assert (out.logprobs <= 0).all()
+            assert not torch.isin(out.response_ids, torch.tensor(engine.suppressed_token_ids)).any()
             expected = teacher_forced_logprobs(engine, prompt, out.response_ids, temperature=0.9)
             torch.testing.assert_close(out.logprobs, expected, atol=2e-4, rtol=1e-4)
 

@@ -1,0 +1,38 @@
+"""lmmrl-train: RL training of Qwen2-VL / Qwen2.5-VL (PPO, REINFORCE++, REINFORCE++-baseline, RLOO, GRPO, Dr. GRPO).
+
+    lmmrl-train --config configs/rloo_tiny.yaml [key.sub=value ...]
+
+The advantage estimator is `algorithm.advantage_estimator`; every key of the run schema can be overridden.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lmmrl_megatron.config import RunConfig, load_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lmmrl-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a YAML file of the run schema (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. trainer.max_steps=5")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(RunConfig, args.config, args.overrides)
+    except ValueError as exc:
+        parser.exit(2, f"lmmrl-train: {exc}\n")
+
+    from lmmrl_megatron.trainer.controller import RLTrainer
+
+    import ray
+
+    trainer = RLTrainer(config)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

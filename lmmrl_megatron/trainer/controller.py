@@ -1,0 +1,243 @@
+"""The single controller: one RL step, top to bottom, driving the Ray worker groups; and the training loop.
+
+    trainer = RLTrainer(load_config(RunConfig, "configs/rloo_tiny.yaml"))
+    trainer.fit()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lmmrl_megatron.algorithms import (
+    AdvantageInputs,
+    compute_advantages,
+    global_aggregation_count,
+    kl_estimate,
+    kl_reward_penalty,
+    make_kl_controller,
+    make_reward_moments,
+    nonconstant_group_mask,
+    shape_scores,
+)
+from lmmrl_megatron.config.loader import dump_yaml, to_dict
+from lmmrl_megatron.config.schema import RunConfig
+from lmmrl_megatron.engine.micro_batch import Sample
+from lmmrl_megatron.rollout.engine import MultimodalPrompt, SamplingParams
+from lmmrl_megatron.trainer.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from lmmrl_megatron.trainer.groups import PolicyGroup, RolloutGroup, init_ray, make_placement_group, put_samples
+from lmmrl_megatron.trainer.metrics import MetricsLogger
+from lmmrl_megatron.trainer.step_math import pad_responses, scatter_rows, step_metrics
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], phase: str):
+    start = time.perf_counter()
+    yield
+    timings[f"time/{phase}"] = time.perf_counter() - start
+
+
+class RLTrainer:
+    def __init__(self, config: RunConfig) -> None:
+        from transformers import AutoProcessor
+
+        from lmmrl_megatron.data.loader import build_prompt_loader
+
+        self.config = config
+        self.save_path = Path(config.checkpoint.save_path)
+        self.save_path.mkdir(parents=True, exist_ok=True)
+        dump_yaml(config, self.save_path / "config.yaml")
+        processor = AutoProcessor.from_pretrained(config.model.pretrain)
+        self.tokenizer = processor.tokenizer
+        self.prompts = build_prompt_loader(config.data, processor, config.rollout.rollout_batch_size)
+        self.reward = self._make_reward()
+        self.use_reference = config.algorithm.needs_reference
+        self.use_critic = config.algorithm.needs_critic
+        init_ray(config)
+        pg, policy_offset, rollout_offset = make_placement_group(config)
+        self.placement_group = pg
+        self.policy = PolicyGroup(config, pg, policy_offset, self.use_reference, self.use_critic)
+        self.rollout = RolloutGroup(config, pg, rollout_offset)
+        self.kl_controller = make_kl_controller(config.algorithm)
+        self.reward_moments = make_reward_moments(config.algorithm)
+        self.checkpoints = CheckpointManager(self.save_path / "checkpoints", config.checkpoint.keep_last)
+        self.step = 0
+        resume_from = self.checkpoints.resolve_resume(config.checkpoint.resume)
+        if resume_from is not None:
+            self._load(resume_from)
+        self.metrics = MetricsLogger(
+            self.save_path, config.logging, config.trainer.max_steps, start_step=self.step, run_config=to_dict(config)
+        )
+
+    def _make_reward(self):
+        from lmmrl_megatron.reward.client import RemoteRewardClient
+        from lmmrl_megatron.reward.scorer import RewardScorer
+
+        if self.config.reward.remote_rm_url:
+            return RemoteRewardClient.from_config(self.config.reward)
+        return RewardScorer(self.config.reward)
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def rl_step(self) -> dict[str, float]:
+        cfg, alg = self.config, self.config.algorithm
+        n = cfg.rollout.n_samples_per_prompt
+        timings: dict[str, float] = {}
+
+        # 1. Prompts, processed once (token ids, pixel values, image grids), reused for generation and training.
+        batch = self.prompts.next_batch()
+        encoded = batch.prompts
+        prompts = [MultimodalPrompt(p.input_ids, p.pixel_values, p.image_grid_thw) for p in encoded]
+
+        # 2. Generate n responses per prompt with the rollout engines' per-token log-probs.
+        params = SamplingParams(
+            n=n,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=cfg.trainer.seed + self.step,
+        )
+        with timed(timings, "generate"):
+            outputs = self.rollout.generate(prompts, params)
+        samples = [
+            Sample(p.input_ids, out.response_ids, p.pixel_values, p.image_grid_thw, rollout_logprobs=out.logprobs)
+            for p, group in zip(encoded, outputs)
+            for out in group
+        ]
+
+        # 3. Score every response; shape (normalise, clip) the scores whatever their source.
+        with timed(timings, "reward"):
+            raw_scores = self._score(encoded, samples)
+        scores = shape_scores(raw_scores, self.reward_moments, alg.reward_clip)
+
+        # 4. Optionally drop prompts whose n rewards are all equal: no signal for group baselines.
+        keep = list(range(len(samples)))
+        if cfg.trainer.filter_uniform_groups:
+            # When every group is uniform the step trains on all of them (zero advantages, zero policy gradient).
+            keep = nonconstant_group_mask(raw_scores, n).nonzero().flatten().tolist() or keep
+        samples, scores = [samples[i] for i in keep], scores[keep]
+
+        # 5. Old log-probs (and reference log-probs, critic values) from the trainer's own forward passes.
+        with timed(timings, "logprob"):
+            shared = put_samples(samples)
+            old = self.policy.forward(shared, "actor")
+            ref = self.policy.forward(shared, "reference") if self.use_reference else None
+            values = self.policy.forward(shared, "critic") if self.use_critic else None
+        for i, s in enumerate(samples):
+            s.old_logprobs = old[i][0]
+            s.ref_logprobs = ref[i][0] if ref is not None else None
+            s.old_values = values[i][0] if values is not None else None
+        # The engines generated with the weights the trainer holds now: their log-probs must agree with ours.
+        mismatch = max(float((s.old_logprobs - s.rollout_logprobs).abs().max()) for s in samples)
+
+        # 6. Advantages: KL as a per-token reward penalty (unless it is a loss term), then the estimator.
+        mask = pad_responses([torch.ones_like(s.response_ids, dtype=torch.float32) for s in samples])
+        old_lp = pad_responses([s.old_logprobs for s in samples])
+        kl_coef = self.kl_controller.value
+        kl_rewards, kl = None, torch.zeros_like(mask)
+        if ref is not None:
+            ref_lp = pad_responses([s.ref_logprobs for s in samples])
+            kl = kl_estimate(old_lp, ref_lp, alg.kl_estimator, alg.kl_clamp) * mask
+            if not alg.use_kl_loss:
+                kl_rewards = kl_reward_penalty(old_lp, ref_lp, mask, alg.kl_estimator, kl_coef, alg.kl_clamp)
+        old_values = pad_responses([s.old_values for s in samples]) if values is not None else None
+        inputs = AdvantageInputs(scores=scores, mask=mask, kl_rewards=kl_rewards, values=old_values)
+        advantages = compute_advantages(alg, inputs, n)
+        for s, adv, ret in zip(samples, scatter_rows(advantages.advantages, samples), scatter_rows(advantages.returns, samples)):
+            s.advantages, s.returns = adv, ret
+
+        # 7. PPO epochs over mini-batches of train_batch_size sequences, one optimizer step each (critic first).
+        train_metrics: list[dict[str, float]] = []
+        with timed(timings, "train"):
+            for _ in range(alg.ppo_epochs):
+                for start in range(0, len(samples), cfg.trainer.train_batch_size):
+                    mini = samples[start : start + cfg.trainer.train_batch_size]
+                    mini_mask = pad_responses([torch.ones(s.response_ids.numel()) for s in mini])
+                    normaliser = float(global_aggregation_count([mini_mask], alg.loss_agg_mode))
+                    shared_mini = put_samples(mini)
+                    mini_metrics = self.policy.train_actor(shared_mini, normaliser, kl_coef)
+                    if self.use_critic:
+                        mini_metrics |= self.policy.train_critic(shared_mini, normaliser)
+                    train_metrics.append(mini_metrics)
+        self.kl_controller.update(float((kl.sum() / mask.sum()).item()), len(samples))
+
+        # 8. Push the new weights to the rollout engines (TP gathered, PP collected, bucketed).
+        with timed(timings, "sync"):
+            sync = self.policy.push_weights(self.rollout.engines)
+
+        entropy = pad_responses([old[i][1] for i in range(len(samples))])
+        metrics = step_metrics(raw_scores, samples, mask, kl, entropy, train_metrics, advantages, kl_coef, keep)
+        return metrics | {"rollout/logprob_abs_diff_max": mismatch} | sync | timings
+
+    def _score(self, encoded, samples: list[Sample]) -> torch.Tensor:
+        n = self.config.rollout.n_samples_per_prompt
+        responses = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        labels = [encoded[i // n].answer for i in range(len(samples))]
+        if self.config.reward.remote_rm_url:
+            queries = self.tokenizer.batch_decode([torch.cat([s.prompt_ids, s.response_ids]) for s in samples])
+            prompts = [encoded[i // n].raw_message for i in range(len(samples))]
+            result = self.reward.score(queries, prompts, labels)
+        else:
+            prompts = [encoded[i // n].prompt_text for i in range(len(samples))]
+            result = self.reward.score(responses, labels, prompts)
+        self._reward_failures = result.counters.num_failures
+        return torch.tensor(result.rewards, dtype=torch.float32)
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> Path:
+        cfg = self.config
+        try:
+            while self.step < cfg.trainer.max_steps:
+                metrics = self.rl_step()
+                self.step += 1
+                metrics["reward/num_failures"] = float(self._reward_failures)
+                metrics.update({k: float(v) for k, v in self.prompts.skipped.to_metrics().items()})
+                self.metrics.log(self.step, metrics)
+                save_steps = cfg.checkpoint.save_steps
+                if (save_steps and self.step % save_steps == 0) or self.step == cfg.trainer.max_steps:
+                    self.save()
+        finally:
+            self.metrics.close()
+        print(f"logs: {self.save_path / 'metrics.jsonl'}  tensorboard: {self.save_path / 'tensorboard'}")
+        print(f"checkpoints: {self.checkpoints.root} (latest: {self.checkpoints.latest()})")
+        return self.save_path
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        staging = self.checkpoints.stage(self.step)
+        self.policy.save_checkpoint(str(staging))
+        state = {
+            "step": self.step,
+            "sampler": self.prompts.state_dict(),
+            "rng": capture_rng_state(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "reward_moments": None if self.reward_moments is None else self.reward_moments.state_dict(),
+        }
+        torch.save(state, staging / "trainer_state.pt")
+        (staging / "config.json").write_text(json.dumps(to_dict(self.config), default=str))
+        return self.checkpoints.commit(self.step)
+
+    def _load(self, directory: Path) -> None:
+        state = torch.load(directory / "trainer_state.pt", weights_only=False)
+        self.policy.load_checkpoint(str(directory))
+        self.step = state["step"]
+        self.prompts.load_state_dict(state["sampler"])
+        restore_rng_state(state["rng"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        if self.reward_moments is not None and state["reward_moments"] is not None:
+            self.reward_moments.load_state_dict(state["reward_moments"])
+        # The engines loaded the initial HF weights; give them the resumed ones.
+        self.policy.push_weights(self.rollout.engines)
+
+    def close(self) -> None:
+        """Stop this run's workers and free its placement group; the Ray cluster itself stays up."""
+        from ray.util.placement_group import remove_placement_group
+
+        self.reward.close()
+        self.policy.shutdown()
+        self.rollout.shutdown()
+        remove_placement_group(self.placement_group)

@@ -1,0 +1,155 @@
+"""Ray placement and the worker groups the controller drives: the Megatron policy ranks and the rollout engines.
+
+Each group wraps a list of Ray actors and exposes typed methods that fan a request out to every member and merge
+the answers, so the controller reads like a single-process program. On GPUs one placement group bundle holds one
+GPU; with `colocate_all_models` the policy rank and the rollout engine of a bundle share its GPU (each asks for a
+fraction of it), otherwise they get bundles of their own. On CPU (`num_gpus_per_node: 0`) the bundles hold
+logical CPUs only, and everything runs in local processes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from lmmrl_megatron.config.schema import RunConfig
+from lmmrl_megatron.engine.micro_batch import Sample
+from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
+
+# NVLink multicast can take a shared host's GPUs down; it stays off in every process we start.
+WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def init_ray(config: RunConfig) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local one sized for this run."""
+    if ray.is_initialized():
+        return
+    env = {"env_vars": WORKER_ENV}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env)
+        return
+    trainer = config.trainer
+    # Logical CPUs: one per actor we place, whatever the machine has; the OS shares the real cores.
+    num_cpus = trainer.actor_world_size * 2 + config.rollout.num_engines * 2 + 2
+    ray.init(num_cpus=num_cpus, num_gpus=trainer.num_gpus_per_node * trainer.num_nodes, include_dashboard=False,
+             runtime_env=env, log_to_driver=True)
+
+
+def make_placement_group(config: RunConfig) -> tuple[PlacementGroup, int, int]:
+    """One bundle per policy rank (plus one per rollout engine when not colocated); returns (pg, policy
+    bundle offset, rollout bundle offset)."""
+    trainer = config.trainer
+    gpu = 1 if trainer.num_gpus_per_node > 0 else 0
+    num_policy = trainer.actor_world_size
+    num_rollout = 0 if trainer.colocate_all_models else config.rollout.num_engines * config.rollout.engine_tp
+    bundles = [{"CPU": 1, "GPU": gpu} if gpu else {"CPU": 1} for _ in range(num_policy + num_rollout)]
+    pg = placement_group(bundles, strategy="PACK")
+    ray.get(pg.ready())
+    return pg, 0, 0 if trainer.colocate_all_models else num_policy
+
+
+class PolicyGroup:
+    """The Megatron ranks: actor, and colocated with it the reference (KL) and the critic (GAE) when needed."""
+
+    def __init__(
+        self, config: RunConfig, pg: PlacementGroup, bundle_offset: int, with_reference: bool, with_critic: bool
+    ) -> None:
+        from lmmrl_megatron.trainer.policy_worker import PolicyWorker
+
+        colocated = config.trainer.colocate_all_models
+        gpu_share = (0.5 if colocated else 1.0) if config.trainer.num_gpus_per_node > 0 else 0
+        world_size = config.trainer.actor_world_size
+        worker_cls = ray.remote(PolicyWorker)
+        self.workers = [
+            worker_cls.options(
+                num_cpus=0.5,
+                num_gpus=gpu_share,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_offset + rank),
+            ).remote(config, rank, world_size, with_reference, with_critic)
+            for rank in range(world_size)
+        ]
+        address, port = ray.get(self.workers[0].master_address.remote())
+        self.layout = ray.get([w.setup.remote(address, port) for w in self.workers])[0]
+
+    def forward(self, samples: Any, role: str) -> dict[int, tuple[Any, Any]]:
+        """`samples` is a Ray object ref of list[Sample]; per sample index, (log-probs, entropy) of the actor or
+        reference, (values, None) of the critic."""
+        merged: dict[int, tuple[Any, Any]] = {}
+        for part in ray.get([w.forward.remote(samples, role) for w in self.workers]):
+            merged.update(part)
+        return merged
+
+    def train_actor(self, samples: Any, normaliser: float, kl_coef: float) -> dict[str, float]:
+        parts = ray.get([w.train_actor.remote(samples, normaliser, kl_coef) for w in self.workers])
+        return next(p for p in parts if p)
+
+    def train_critic(self, samples: Any, normaliser: float) -> dict[str, float]:
+        parts = ray.get([w.train_critic.remote(samples, normaliser) for w in self.workers])
+        return next(p for p in parts if p)
+
+    def push_weights(self, engines: list[Any]) -> dict[str, float]:
+        parts = ray.get([w.push_weights.remote(engines) for w in self.workers])
+        return {k: sum(p.get(k, 0.0) for p in parts) for k in parts[0]}
+
+    def save_checkpoint(self, directory: str) -> None:
+        ray.get([w.save_checkpoint.remote(directory) for w in self.workers])
+
+    def load_checkpoint(self, directory: str) -> None:
+        ray.get([w.load_checkpoint.remote(directory) for w in self.workers])
+
+    def shutdown(self) -> None:
+        ray.get([w.shutdown.remote() for w in self.workers])
+        for w in self.workers:
+            ray.kill(w)
+
+
+class RolloutGroup:
+    """The rollout engines; prompts are split across them in contiguous chunks."""
+
+    def __init__(self, config: RunConfig, pg: PlacementGroup, bundle_offset: int) -> None:
+        from lmmrl_megatron.rollout.hf_engine import HFRolloutEngine
+
+        if config.rollout.backend != "hf":
+            raise ValueError(f"rollout.backend={config.rollout.backend!r} is not available yet; use 'hf'")
+        use_gpu = config.trainer.num_gpus_per_node > 0
+        gpu_share = (0.5 if config.trainer.colocate_all_models else 1.0) if use_gpu else 0
+        engine_cls = ray.remote(HFRolloutEngine)
+        self.engines = [
+            engine_cls.options(
+                num_cpus=0.5,
+                num_gpus=gpu_share,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=bundle_offset + i * config.rollout.engine_tp
+                ),
+            ).remote(config.model.pretrain, device="cuda" if use_gpu else "cpu")
+            for i in range(config.rollout.num_engines)
+        ]
+
+    def generate(self, prompts: list[MultimodalPrompt], params: SamplingParams) -> list[list[GenerationOutput]]:
+        num = len(self.engines)
+        bounds = [len(prompts) * i // num for i in range(num + 1)]
+        futures = [
+            engine.generate.remote(prompts[bounds[i] : bounds[i + 1]], params)
+            for i, engine in enumerate(self.engines)
+            if bounds[i + 1] > bounds[i]
+        ]
+        return [group for part in ray.get(futures) for group in part]
+
+    def sleep(self) -> None:
+        ray.get([e.sleep.remote() for e in self.engines])
+
+    def wake_up(self) -> None:
+        ray.get([e.wake_up.remote() for e in self.engines])
+
+    def shutdown(self) -> None:
+        for engine in self.engines:
+            ray.kill(engine)
+
+
+def put_samples(samples: list[Sample]) -> Any:
+    """One object-store copy of the step's samples, shared by every rank."""
+    return ray.put(samples)

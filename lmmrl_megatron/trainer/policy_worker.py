@@ -1,0 +1,224 @@
+"""One rank of the Megatron model group: the trained actor and, colocated with it, the frozen reference and the
+critic (PPO with GAE) when the algorithm needs them.
+
+The controller creates `world_size` of these as Ray actors. Each joins one torch.distributed world (NCCL on
+GPUs, gloo on CPU), builds its pipeline stage of the Qwen-VL model at the configured TP x PP layout, loads the
+Hugging Face weights through the shared mapping, and then serves the controller's requests. Every request carries
+the whole step's samples (one Ray object, not copied per rank); each rank takes its data-parallel share.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lmmrl_megatron.algorithms import AlgorithmConfig, PolicyLossInputs, metrics_to_dict, policy_loss, value_loss
+from lmmrl_megatron.config.schema import RunConfig
+from lmmrl_megatron.engine.megatron_engine import MegatronEngine
+from lmmrl_megatron.engine.micro_batch import MicroBatch, Sample, collate, response_values, split_by_token_budget
+
+Role = Literal["actor", "reference", "critic"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def qwen_vl_forward(model: torch.nn.Module, micro_batch: MicroBatch) -> torch.Tensor:
+    """Logits of this rank's vocabulary slice on the last stage, hidden states on the others."""
+    out = model(
+        micro_batch.input_ids,
+        micro_batch.attention_mask,
+        pixel_values=micro_batch.pixel_values,
+        image_grid_thw=micro_batch.image_grid_thw,
+        return_logits=True,
+    )
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def make_policy_loss(config: AlgorithmConfig, normaliser: float, kl_coef: float):
+    """The engine's loss function for one optimizer step: this micro-batch's share of the global policy loss."""
+
+    def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = PolicyLossInputs(
+            log_probs=logprobs,
+            old_log_probs=mb.old_logprobs,
+            advantages=mb.advantages,
+            mask=mb.loss_mask,
+            rollout_log_probs=mb.rollout_logprobs,
+            ref_log_probs=mb.ref_logprobs,
+            entropy=entropy,
+        )
+        loss, metrics = policy_loss(inputs, config, normaliser, kl_coef)
+        return loss, metrics_to_dict(metrics, "policy")
+
+    return loss_fn
+
+
+def make_value_loss(config: AlgorithmConfig, normaliser: float):
+    """The critic's loss function: clipped value regression onto the returns, this micro-batch's share."""
+
+    def loss_fn(values: torch.Tensor, entropy: torch.Tensor | None, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = value_loss(
+            values, mb.old_values, mb.returns, mb.loss_mask, config.value_clip, config.loss_agg_mode, normaliser
+        )
+        return loss, metrics_to_dict(metrics, "critic")
+
+    return loss_fn
+
+
+class PolicyWorker:
+    def __init__(self, config: RunConfig, rank: int, world_size: int, with_reference: bool, with_critic: bool) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.with_reference = with_reference
+        self.with_critic = with_critic
+        self.use_gpu = config.trainer.num_gpus_per_node > 0
+        self.engines: dict[Role, MegatronEngine] = {}
+        self.actor_chunks: list[torch.nn.Module] = []
+
+    # -- setup --------------------------------------------------------------------------------------------------
+    def master_address(self) -> tuple[str, int]:
+        return socket.gethostbyname(socket.gethostname()) if self.use_gpu else "127.0.0.1", free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, int]:
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size))
+        if self.use_gpu:
+            torch.cuda.set_device(0)  # Ray gives each worker one visible GPU
+            backend = "nccl"
+        else:
+            from lmmrl_megatron.parallel.cpu_backend import install_cpu_backend
+
+            install_cpu_backend()
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
+            backend = "gloo"
+        torch.distributed.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        parallel = self.config.parallel
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            virtual_pipeline_model_parallel_size=parallel.vpp,
+        )
+        tensor_parallel.model_parallel_cuda_manual_seed(self.config.trainer.seed)
+        torch.manual_seed(self.config.trainer.seed)
+
+        temperature = self.config.rollout.temperature or 1.0
+        bf16 = self.config.model.dtype == "bf16"
+        self.actor_chunks = self._build_model()
+        self.engines["actor"] = MegatronEngine(
+            self.actor_chunks, qwen_vl_forward, self.num_real_vocab, self.config.trainer.actor, temperature, bf16
+        )
+        if self.with_reference:
+            self.engines["reference"] = MegatronEngine(
+                self._build_model(), qwen_vl_forward, self.num_real_vocab, None, temperature, bf16
+            )
+        if self.with_critic:
+            from lmmrl_megatron.trainer.value_model import attach_value_head
+
+            critic_chunks = self._build_model()
+            for chunk in critic_chunks:
+                attach_value_head(chunk)
+            self.engines["critic"] = MegatronEngine(
+                critic_chunks, qwen_vl_forward, self.num_real_vocab, self.config.trainer.critic, bf16=bf16, head="values"
+            )
+        return {"dp": ps.get_data_parallel_world_size(), "tp": parallel.tp, "pp": parallel.pp}
+
+    def _build_model(self) -> list[torch.nn.Module]:
+        from lmmrl_megatron.trainer.policy_model import build_policy_chunks
+
+        chunks, qwen_config = build_policy_chunks(self.config.model, self.config.parallel, self.use_gpu)
+        self.num_real_vocab = qwen_config.text.vocab_size
+        return chunks
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def _my_micro_batches(self, samples: list[Sample]) -> list[MicroBatch]:
+        from megatron.core import parallel_state as ps
+
+        mine = list(range(len(samples)))[ps.get_data_parallel_rank() :: ps.get_data_parallel_world_size()]
+        groups = split_by_token_budget([samples[i].num_tokens for i in mine], self.config.trainer.max_tokens_per_micro_batch)
+        return [collate(samples, [mine[j] for j in group]) for group in groups]
+
+    def forward(self, samples: list[Sample], role: Role) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per response token, by sample index: (log-probs, entropy) for actor/reference, (values, None) for the
+        critic; answered by the last-stage, TP-rank-0 member of each data-parallel group, {} by the others."""
+        from megatron.core import parallel_state as ps
+
+        if role not in self.engines:
+            raise ValueError(f"this worker holds no {role} model")
+        stats = self.engines[role].forward_only(self._my_micro_batches(samples))
+        if ps.get_tensor_model_parallel_rank() != 0:
+            return {}
+        out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for st in stats:
+            entropies = dict(response_values(st.micro_batch, st.entropy, samples)) if st.entropy is not None else {}
+            for index, values in response_values(st.micro_batch, st.values, samples):
+                out[index] = (values, entropies.get(index))
+        return out
+
+    def train_actor(self, samples: list[Sample], normaliser: float, kl_coef: float) -> dict[str, float]:
+        """One actor optimizer step on these samples."""
+        loss_fn = make_policy_loss(self.config.algorithm, normaliser, kl_coef)
+        return self._train("actor", samples, loss_fn)
+
+    def train_critic(self, samples: list[Sample], normaliser: float) -> dict[str, float]:
+        """One critic optimizer step on these samples."""
+        return self._train("critic", samples, make_value_loss(self.config.algorithm, normaliser))
+
+    def _train(self, role: Role, samples: list[Sample], loss_fn) -> dict[str, float]:
+        """Metrics come back from the last-stage, TP-rank-0 member of the first data-parallel group."""
+        from megatron.core import parallel_state as ps
+
+        metrics = self.engines[role].train_step(self._my_micro_batches(samples), loss_fn)
+        if role == "critic":
+            metrics = {("critic/" + k if not k.startswith("critic/") else k): v for k, v in metrics.items()}
+        # Loss metrics are shares of global means: summing them over data-parallel ranks gives the step's value.
+        keys = sorted(k for k in metrics if k.startswith(("policy/", "critic/")) and k not in ("critic/grad_norm", "critic/update_skipped"))
+        if keys:
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(values, group=ps.get_data_parallel_group())
+            metrics.update(zip(keys, values.tolist()))
+        is_reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        return metrics if is_reporter else {}
+
+    def push_weights(self, engines: list[Any]) -> dict[str, float]:
+        """Send the actor's weights, in Hugging Face names and layout, to every rollout engine, bucket by bucket."""
+        import ray
+
+        from lmmrl_megatron.convert.export import export_hf_buckets
+
+        num_tensors, num_bytes = 0, 0
+        bucket_bytes = self.config.rollout.weight_sync_bucket_mb * 2**20
+        for bucket in export_hf_buckets(self.actor_chunks, self.config.model.pretrain, self.config.parallel, bucket_bytes):
+            if bucket is None:  # this rank does not feed the engines; it only took part in the gathers
+                continue
+            ref = ray.put(bucket)
+            ray.get([engine.update_weights.remote(ref) for engine in engines])
+            num_tensors += len(bucket)
+            num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        return {"sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes)}
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str) -> None:
+        from lmmrl_megatron.trainer.train_state import save_train_state
+
+        save_train_state(Path(directory), self.engines)
+
+    def load_checkpoint(self, directory: str) -> None:
+        from lmmrl_megatron.trainer.train_state import load_train_state
+
+        load_train_state(Path(directory), self.engines)
+
+    def shutdown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
