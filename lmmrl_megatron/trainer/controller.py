@@ -210,6 +210,8 @@ class RLTrainer:
     def save(self) -> Path:
         staging = self.checkpoints.stage(self.step)
         self.policy.save_checkpoint(str(staging))
+        if self.config.checkpoint.save_hf:
+            self.policy.save_hf(str(staging / "hf"))
         state = {
             "step": self.step,
             "sampler": self.prompts.state_dict(),

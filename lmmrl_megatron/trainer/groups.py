@@ -98,6 +98,9 @@ class PolicyGroup:
     def save_checkpoint(self, directory: str) -> None:
         ray.get([w.save_checkpoint.remote(directory) for w in self.workers])
 
+    def save_hf(self, directory: str) -> None:
+        ray.get([w.save_hf.remote(directory) for w in self.workers])
+
     def load_checkpoint(self, directory: str) -> None:
         ray.get([w.load_checkpoint.remote(directory) for w in self.workers])
 

@@ -73,6 +73,20 @@ def make_value_loss(config: AlgorithmConfig, normaliser: float):
     return loss_fn
 
 
+def qwen_vl_shards_to_hf(qwen_config: Any, transformer_impl: str):
+    """The export's converter: a parameter's global Megatron name and TP shards -> its Hugging Face tensors."""
+    from lmmrl_megatron.convert.mapping import mcore_shards_to_hf
+    from lmmrl_megatron.convert.qwen_vl import qwen_vl_params
+
+    by_name = {param.mcore_name: param for param in qwen_vl_params(qwen_config, transformer_impl)}
+
+    def convert(global_name: str, tp_shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        param = by_name[global_name]
+        return list(mcore_shards_to_hf(param, tp_shards).items()) if param.exported else []
+
+    return convert
+
+
 class PolicyWorker:
     def __init__(self, config: RunConfig, rank: int, world_size: int, with_reference: bool, with_critic: bool) -> None:
         self.config = config
@@ -139,6 +153,7 @@ class PolicyWorker:
 
         chunks, qwen_config = build_policy_chunks(self.config.model, self.config.parallel, self.use_gpu)
         self.num_real_vocab = qwen_config.text.vocab_size
+        self.shards_to_hf = qwen_vl_shards_to_hf(qwen_config, self.config.model.transformer_impl)
         return chunks
 
     # -- requests -------------------------------------------------------------------------------------------------
@@ -192,21 +207,49 @@ class PolicyWorker:
         return metrics if is_reporter else {}
 
     def push_weights(self, engines: list[Any]) -> dict[str, float]:
-        """Send the actor's weights, in Hugging Face names and layout, to every rollout engine, bucket by bucket."""
+        """Send the actor's weights, in Hugging Face names and layout, to every rollout engine, bucket by bucket.
+
+        One model replica (data-parallel rank 0) exports: its TP x PP ranks gather each stage's parameters and
+        bring them to the replica's first rank, which hands each bucket to the engines."""
         import ray
+        from megatron.core import parallel_state as ps
 
-        from lmmrl_megatron.convert.export import export_hf_buckets
+        from lmmrl_megatron.convert.export import export_hf_weights
 
+        if ps.get_data_parallel_rank() != 0:
+            return {}
         num_tensors, num_bytes = 0, 0
         bucket_bytes = self.config.rollout.weight_sync_bucket_mb * 2**20
-        for bucket in export_hf_buckets(self.actor_chunks, self.config.model.pretrain, self.config.parallel, bucket_bytes):
-            if bucket is None:  # this rank does not feed the engines; it only took part in the gathers
-                continue
-            ref = ray.put(bucket)
+        for bucket in export_hf_weights(self.actor_chunks, self.shards_to_hf, bucket_bytes, receivers="first_rank"):
+            # The bucket's tensors are views of a buffer reused for the next one: the engines must have them first.
+            ref = ray.put([(name, tensor.cpu()) for name, tensor in bucket])
             ray.get([engine.update_weights.remote(ref) for engine in engines])
             num_tensors += len(bucket)
             num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
         return {"sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes)}
+
+    def save_hf(self, directory: str) -> None:
+        """Write the actor as a Hugging Face checkpoint (sharded safetensors + the pretrained model's config,
+        tokenizer, processor and chat template), streamed bucket by bucket through the weight export."""
+        from megatron.core import parallel_state as ps
+
+        from lmmrl_megatron.convert.export import export_hf_weights
+        from lmmrl_megatron.convert.hf_io import HFCheckpointReader, TensorSpec, write_hf_checkpoint
+
+        if ps.get_data_parallel_rank() != 0:
+            return
+        bucket_bytes = self.config.rollout.weight_sync_bucket_mb * 2**20
+        buckets = export_hf_weights(self.actor_chunks, self.shards_to_hf, bucket_bytes, receivers="first_rank")
+        if torch.distributed.get_rank() != 0:
+            for _ in buckets:  # take part in the gathers; only the first rank receives
+                pass
+            return
+        dtype = next(self.actor_chunks[0].parameters()).dtype
+        pretrain = self.config.model.pretrain
+        with HFCheckpointReader(pretrain, check_config_shapes=False) as reader:
+            specs = [TensorSpec(name, reader.spec(name).shape, dtype) for name in reader.names]
+        tensors = ((name, tensor) for bucket in buckets for name, tensor in bucket)
+        write_hf_checkpoint(directory, specs, tensors, template_dir=pretrain)
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> None:

@@ -18,7 +18,11 @@ def _sharded_state(engine: MegatronEngine, is_loading: bool) -> dict:
     chunks = [chunk.module for chunk in engine.model]  # unwrap DDP: parameter names as in the plain model
     state = model_sharded_state_dict(chunks)
     assert engine.optimizer is not None
-    state["optimizer"] = engine.optimizer.sharded_state_dict(state, is_loading=is_loading)
+    # 'fully_reshardable' stores the optimizer state per parameter in model space, so a run can resume at another
+    # TP/PP/DP layout (the default flattened format only reshards across DP).
+    state["optimizer"] = engine.optimizer.sharded_state_dict(
+        state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+    )
     return state
 
 

@@ -96,10 +96,23 @@ def test_each_estimator_runs_end_to_end(assets, tmp_path: Path, estimator: str) 
 
 
 def test_pipeline_parallel_actor_and_separate_placement(assets, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
     config = make_config(
-        assets, tmp_path / "pp2", "parallel.tp=1", "parallel.pp=2", "trainer.colocate_all_models=false"
+        assets, tmp_path / "pp2", "parallel.tp=1", "parallel.pp=2", "trainer.colocate_all_models=false",
+        "checkpoint.save_hf=true", "trainer.actor.lr=1e-2",
     )
     check_run(run(config), 2)
+    # save_hf: the trained actor as a Hugging Face checkpoint that transformers loads, with trained weights.
+    hf_dir = tmp_path / "pp2" / "checkpoints" / "step_00000002" / "hf"
+    model = AutoModelForImageTextToText.from_pretrained(hf_dir)
+    saved = load_file(str(hf_dir / "model.safetensors"))
+    initial = load_file(str(assets["model"] / "model.safetensors"))
+    assert saved.keys() == initial.keys()
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_resume_reproduces_the_uninterrupted_run(assets, tmp_path: Path) -> None:
