@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import traceback
 from typing import Any, Callable
 
@@ -25,18 +27,21 @@ from lmmrl_megatron.models.qwen_vl.parity import (
     ParityReport,
     build_parity_batch,
     compare,
+    from_bytes,
     hf_reference,
     megatron_forward,
 )
 
 
-def _cuda_worker(rank: int, world_size: int, tp: int, pp: int, port: int, fn: Callable, args: tuple, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+def _cuda_worker(
+    rank: int, world_size: int, tp: int, pp: int, store: str, fn: Callable, args: tuple, queue
+) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     try:
         from megatron.core import parallel_state, tensor_parallel
 
         torch.cuda.set_device(rank)
-        torch.distributed.init_process_group("nccl", rank=rank, world_size=world_size)
+        torch.distributed.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world_size)
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         queue.put((rank, True, fn(*args)))
@@ -51,16 +56,15 @@ def run_on_gpus(fn: Callable, tp: int, pp: int, args: tuple, timeout_s: float = 
     """`fn(*args)` on TP*PP processes, one GPU each, with Megatron's parallel state; results by rank."""
     import torch.multiprocessing as mp
 
-    from lmmrl_megatron.testing.distributed import find_free_port
-
     world_size = tp * pp
     if torch.cuda.device_count() < world_size:
         raise ValueError(f"--tp {tp} --pp {pp} needs {world_size} GPUs, {torch.cuda.device_count()} visible")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = find_free_port()
+    # A file rendezvous: no port to pick, no collision with another job on the machine.
+    store = os.path.join(tempfile.mkdtemp(prefix="lmmrl-parity-"), "store")
     procs = [
-        ctx.Process(target=_cuda_worker, args=(rank, world_size, tp, pp, port, fn, args, queue), daemon=True)
+        ctx.Process(target=_cuda_worker, args=(rank, world_size, tp, pp, store, fn, args, queue), daemon=True)
         for rank in range(world_size)
     ]
     for proc in procs:
@@ -77,6 +81,7 @@ def run_on_gpus(fn: Callable, tp: int, pp: int, args: tuple, timeout_s: float = 
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
+        shutil.rmtree(os.path.dirname(store), ignore_errors=True)
     return [results[rank] for rank in range(world_size)]
 
 
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                                   args=worker_args, timeout_s=1800.0)
     else:
         results = run_on_gpus(megatron_forward, args.tp, args.pp, worker_args)
-    ours = next(r for r in results if r is not None)
+    ours = from_bytes(next(r for r in results if r is not None))
     reference = hf_reference(args.hf, batch, args.dtype, "cuda:0" if args.device == "cuda" else "cpu")
     report = compare(ours, reference, batch)
     ok = report.within(args.dtype)

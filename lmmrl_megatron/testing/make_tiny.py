@@ -127,10 +127,16 @@ def _build_hf_config(arch: str, config: dict[str, Any]):
     return config_class(**kwargs)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def make_tiny_checkpoint(
-    arch: str, out_dir: str | Path, seed: int = 0, overrides: list[str] | None = None
+    arch: str, out_dir: str | Path, seed: int = 0, overrides: list[str] | None = None, dtype: str = "fp32"
 ) -> Path:
-    """Write a tiny, seeded, offline-loadable Qwen-VL checkpoint to `out_dir` and return its path."""
+    """Write a tiny, seeded, offline-loadable Qwen-VL checkpoint to `out_dir` and return its path.
+
+    With `overrides` giving real sizes (and `dtype="bf16"`) it writes random full-size checkpoints for benchmarks.
+    """
     from transformers import AutoModelForImageTextToText, GenerationConfig, Qwen2Tokenizer
     from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
@@ -162,7 +168,7 @@ def make_tiny_checkpoint(
     hf_config = _build_hf_config(arch, config)
 
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(hf_config, dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_config(hf_config, dtype=DTYPES[dtype])
     model.generation_config = GenerationConfig(
         bos_token_id=token_id("<|endoftext|>"),
         eos_token_id=[token_id("<|im_end|>"), token_id("<|endoftext|>")],
@@ -189,8 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
     args = parser.parse_args(argv)
-    out = make_tiny_checkpoint(args.arch, args.out, seed=args.seed, overrides=args.overrides)
+    out = make_tiny_checkpoint(args.arch, args.out, seed=args.seed, overrides=args.overrides, dtype=args.dtype)
     summary = json.loads((out / "config.json").read_text())
     print(f"wrote {args.arch} tiny checkpoint to {out} (text hidden {summary['text_config']['hidden_size']})")
 

@@ -1,0 +1,1 @@
+"""Hugging Face <-> Megatron-Core checkpoint conversion, resharding and live weight export."""

@@ -1,0 +1,1 @@
+"""Model definitions built on Megatron-Core: shared attention, Qwen-VL vision encoder and decoder."""

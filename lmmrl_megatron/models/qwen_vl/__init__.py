@@ -1,0 +1,1 @@
+"""Qwen2-VL / Qwen2.5-VL on Megatron-Core."""
