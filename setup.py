@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "transformers>=5.17,<6",
     "tokenizers>=0.22",
     "safetensors>=0.6",
+    "psutil>=7",  # megatron-core's distributed-checkpoint writer forks its workers through it
     "ray>=2.60",
     "math-verify>=0.9",
     "pillow>=11",
@@ -44,6 +45,7 @@ setup(
     entry_points={
         "console_scripts": [
             "lmmrl-train=lmmrl_megatron.cli.train:main",
+            "lmmrl-parity=lmmrl_megatron.cli.parity:main",
             "lmmrl-make-tiny=lmmrl_megatron.testing.make_tiny:main",
         ]
     },

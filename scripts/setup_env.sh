@@ -30,7 +30,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     $python -m venv "$venv"
   fi
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -c "$repo/.ci/constraints.txt" -e "$repo[test]"
+  # PIP_CONSTRAINT replaces any machine-wide pip constraint file, which may cap torch below our pin.
+  PIP_CONSTRAINT="$repo/.ci/constraints.txt" "$venv/bin/python" -m pip install -q -e "$repo[test]"
   echo "$want" > "$stamp"
 fi
 # shellcheck disable=SC1091

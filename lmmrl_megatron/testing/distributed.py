@@ -2,14 +2,20 @@
 
     results = run_distributed(check_forward, world_size=4, tp=2, pp=2, args=(ckpt_dir,))
 
-`fn` must be importable by name (a module-level function) because the workers are spawned. Each worker gets the
+`fn` must be importable by name (a module-level function): the workers unpickle it. Each worker gets the
 CPU backend, `torch.distributed` on gloo, `parallel_state.initialize_model_parallel(tp, pp)` and
 Megatron's model-parallel seeds; its return value comes back in rank order. An exception in any worker fails the
 call with that worker's traceback; a hung worker is killed at the timeout.
+
+Workers are forked from a fork server that imported torch, Megatron-Core and transformers once (`PRELOAD`):
+a fresh interpreter per worker would spend ~10 s of CPU on those imports, which on a 2-core machine dominated
+the test suite. The server never runs a model, so every worker still starts from clean process state; it gets
+the caller's current environment variables, which a fork server would otherwise have frozen at its start.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -19,6 +25,30 @@ from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
+
+
+# Imported once by the fork server; workers inherit them. A module that fails to import is skipped by multiprocessing.
+PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "megatron.core.parallel_state",
+    "megatron.core.models.gpt",
+    "megatron.core.optimizer",
+    "megatron.core.dist_checkpointing",
+    "transformers",
+    "safetensors.torch",
+    "lmmrl_megatron.parallel.cpu_backend",
+    "lmmrl_megatron.models.qwen_vl.model",
+]
+_context = None
+
+
+def _worker_context():
+    global _context
+    if _context is None:
+        _context = mp.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
 
 
 @dataclass(frozen=True)
@@ -53,8 +83,16 @@ def init_megatron_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
 
 
 def _worker(
-    rank: int, layout: ParallelLayout, store_path: str, fn: Callable[..., Any], args: tuple, results: Any
+    rank: int,
+    layout: ParallelLayout,
+    store_path: str,
+    fn: Callable[..., Any],
+    args: tuple,
+    results: Any,
+    environ: dict[str, str],
 ) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(layout.world_size))
     torch.set_num_threads(1)  # N workers share a couple of cores; more threads only thrash
     try:
@@ -67,7 +105,11 @@ def _worker(
         )
         init_megatron_parallel(layout)
         value = fn(*args)
-        results.put((rank, True, value))
+        # As bytes: a tensor sent as itself is a shared-memory handle that dies with this process, which may
+        # exit before the parent reads the queue.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -90,12 +132,13 @@ def run_distributed(
 ) -> list[Any]:
     """Run `fn(*args)` on `world_size` gloo ranks at the given TP x PP layout; return the results by rank."""
     layout = ParallelLayout(world_size=world_size, tp=tp, pp=pp, vpp=vpp)
-    ctx = mp.get_context("spawn")
+    ctx = _worker_context()
     results = ctx.Queue()
     store_dir = tempfile.mkdtemp(prefix="lmmrl-dist-")
     store_path = os.path.join(store_dir, "store")
+    environ = dict(os.environ)
     procs = [
-        ctx.Process(target=_worker, args=(rank, layout, store_path, fn, args, results), daemon=True)
+        ctx.Process(target=_worker, args=(rank, layout, store_path, fn, args, results, environ), daemon=True)
         for rank in range(world_size)
     ]
     for proc in procs:
@@ -106,7 +149,7 @@ def run_distributed(
         for _ in range(world_size):
             rank, ok, value = results.get(timeout=timeout_s)
             if ok:
-                by_rank[rank] = value
+                by_rank[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 failures.append(f"--- rank {rank} ---\n{value}")
                 break  # the other ranks are likely blocked in a collective with the failed one
