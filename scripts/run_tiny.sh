@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded default: a tiny Qwen2.5-VL checkpoint and a synthetic image-counting task, both written locally,
+# The embedded default: a tiny Qwen2.5-VL checkpoint and a synthetic image task (name the shape's colour), written locally,
 # then RLOO through Ray on this machine's CPUs with the actor at TP=2. Extra arguments are config overrides,
 # e.g. `bash scripts/run_tiny.sh trainer.max_steps=5`.
 set -euo pipefail
@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 out=outputs/tiny
 [ -f "$out/model/config.json" ] || python -m lmmrl_megatron.testing.make_tiny --arch qwen2_5_vl --out "$out/model" --seed 0
-[ -f "$out/data/train.jsonl" ] || python -m lmmrl_megatron.data.synthetic --task count_shapes --n 512 --out "$out/data" --seed 0
+[ -f "$out/data/train.jsonl" ] || python -m lmmrl_megatron.data.synthetic --task color_of_shape --n 512 --out "$out/data" --seed 0
 python -m lmmrl_megatron.cli.train --config configs/rloo_tiny.yaml "$@"

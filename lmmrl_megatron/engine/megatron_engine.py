@@ -86,6 +86,7 @@ class MegatronEngine:
             self.optimizer = self._build_optimizer(optimizer_config, bf16)
         # Pipeline stages exchange activations whose sequence length changes from micro-batch to micro-batch.
         self.transformer_config.variable_seq_lengths = True
+        self._offloaded = False
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.dp_size = ps.get_data_parallel_world_size()
@@ -108,6 +109,28 @@ class MegatronEngine:
             use_distributed_optimizer=cfg.use_distributed_optimizer,
         )
         return get_megatron_optimizer(mcore_cfg, self.model)
+
+    def offload(self) -> None:
+        """Free what only training needs, the gradient buffers and (on GPU) the optimizer state, while a colocated
+        role uses the device; `onload` brings them back. The weights stay: log-probs and weight sync use them."""
+        if self.optimizer is None or self._offloaded:
+            return
+        on_gpu = next(self.model[0].parameters()).is_cuda
+        for chunk in self.model:
+            chunk.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
+        if on_gpu:  # on the host there is nowhere to move it
+            self.optimizer.offload_to_cpu()
+        self._offloaded = True
+
+    def onload(self) -> None:
+        if not self._offloaded:
+            return
+        on_gpu = next(self.model[0].parameters()).is_cuda
+        if on_gpu:
+            self.optimizer.restore_from_cpu()
+        for chunk in self.model:
+            chunk.restore_grad_buffers(synchronize=on_gpu)
+        self._offloaded = False
 
     def _token_stats(self, output: Tensor, micro_batch: MicroBatch) -> tuple[Tensor, Tensor | None]:
         if self.head == "values":
@@ -159,6 +182,7 @@ class MegatronEngine:
     def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over all micro-batches; returns summed loss metrics (last stage) and grad_norm."""
         assert self.optimizer is not None, "train_step on a frozen engine"
+        assert not self._offloaded, "onload() the engine before train_step()"
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()

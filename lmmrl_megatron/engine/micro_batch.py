@@ -7,7 +7,7 @@ position P + j and is predicted at position P + j - 1, so its per-token values g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -57,6 +57,15 @@ class MicroBatch:
     @property
     def num_rows(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        """The same micro-batch with every tensor on `device` (the model's); a no-op on the tensors' own device."""
+        moved = {
+            f.name: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+            for f in fields(self)
+            for value in [getattr(self, f.name)]
+        }
+        return MicroBatch(**moved)
 
 
 def split_by_token_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -119,5 +128,6 @@ def response_values(micro_batch: MicroBatch, values: Tensor, samples: list[Sampl
     for row, index in enumerate(micro_batch.sample_index.tolist()):
         s = samples[index]
         start = s.prompt_ids.numel() - 1
-        out.append((index, values[row, start : start + s.response_ids.numel()].detach().clone()))
+        # On the host: the result travels back to the controller, which holds no GPU.
+        out.append((index, values[row, start : start + s.response_ids.numel()].detach().cpu().clone()))
     return out

@@ -62,6 +62,7 @@ class RLTrainer:
         self.placement_group = pg
         self.policy = PolicyGroup(config, pg, policy_offset, self.use_reference, self.use_critic)
         self.rollout = RolloutGroup(config, pg, rollout_offset)
+        self.swap_colocated = config.trainer.colocate_all_models and config.rollout.enable_sleep
         self.kl_controller = make_kl_controller(config.algorithm)
         self.reward_moments = make_reward_moments(config.algorithm)
         self.checkpoints = CheckpointManager(self.save_path / "checkpoints", config.checkpoint.keep_last)
@@ -101,7 +102,7 @@ class RLTrainer:
             max_new_tokens=cfg.rollout.max_new_tokens,
             seed=cfg.trainer.seed + self.step,
         )
-        with timed(timings, "generate"):
+        with timed(timings, "generate"), self._generation_phase():
             outputs = self.rollout.generate(prompts, params)
         samples = [
             Sample(p.input_ids, out.response_ids, p.pixel_values, p.image_grid_thw, rollout_logprobs=out.logprobs)
@@ -167,11 +168,25 @@ class RLTrainer:
 
         # 8. Push the new weights to the rollout engines (TP gathered, PP collected, bucketed).
         with timed(timings, "sync"):
+            if self.swap_colocated:
+                self.rollout.wake_up()  # the engines receive the weights awake, and stay so for the next step
             sync = self.policy.push_weights(self.rollout.engines)
 
         entropy = pad_responses([old[i][1] for i in range(len(samples))])
         metrics = step_metrics(raw_scores, samples, mask, kl, entropy, train_metrics, advantages, kl_coef, keep)
         return metrics | {"rollout/logprob_abs_diff_max": mismatch} | sync | timings
+
+    @contextlib.contextmanager
+    def _generation_phase(self):
+        """Colocated roles take turns on the GPUs: while the engines generate, the policy ranks hold only their
+        weights (gradient buffers and optimizer state offloaded); afterwards the engines sleep until the sync."""
+        if not self.swap_colocated:
+            yield
+            return
+        self.policy.offload()
+        yield
+        self.rollout.sleep()
+        self.policy.onload()
 
     def _score(self, encoded, samples: list[Sample]) -> torch.Tensor:
         n = self.config.rollout.n_samples_per_prompt

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import ray
+import torch
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -91,6 +92,12 @@ class PolicyGroup:
         parts = ray.get([w.train_critic.remote(samples, normaliser) for w in self.workers])
         return next(p for p in parts if p)
 
+    def offload(self) -> None:
+        ray.get([w.offload.remote() for w in self.workers])
+
+    def onload(self) -> None:
+        ray.get([w.onload.remote() for w in self.workers])
+
     def push_weights(self, engines: list[Any]) -> dict[str, float]:
         parts = ray.get([w.push_weights.remote(engines) for w in self.workers])
         return {k: sum(p.get(k, 0.0) for p in parts) for k in parts[0]}
@@ -108,6 +115,10 @@ class PolicyGroup:
         ray.get([w.shutdown.remote() for w in self.workers])
         for w in self.workers:
             ray.kill(w)
+
+
+# The engine samples in the trainer's dtype, so its log-probs and the trainer's agree to that dtype's rounding.
+ENGINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class RolloutGroup:
@@ -128,7 +139,7 @@ class RolloutGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=bundle_offset + i * config.rollout.engine_tp
                 ),
-            ).remote(config.model.pretrain, device="cuda" if use_gpu else "cpu")
+            ).remote(config.model.pretrain, device="cuda" if use_gpu else "cpu", dtype=ENGINE_DTYPES[config.model.dtype])
             for i in range(config.rollout.num_engines)
         ]
 

@@ -95,12 +95,17 @@ class PolicyWorker:
         self.with_reference = with_reference
         self.with_critic = with_critic
         self.use_gpu = config.trainer.num_gpus_per_node > 0
+        self.device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")  # Ray shows one GPU
         self.engines: dict[Role, MegatronEngine] = {}
         self.actor_chunks: list[torch.nn.Module] = []
 
     # -- setup --------------------------------------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
-        return socket.gethostbyname(socket.gethostname()) if self.use_gpu else "127.0.0.1", free_port()
+        """Where rank 0 listens for the process-group rendezvous: this node's address as Ray knows it (a
+        hostname lookup can fail on cluster nodes), loopback on CPU runs, which are always one machine."""
+        import ray
+
+        return ray.util.get_node_ip_address() if self.use_gpu else "127.0.0.1", free_port()
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, int]:
         from megatron.core import parallel_state as ps
@@ -162,7 +167,7 @@ class PolicyWorker:
 
         mine = list(range(len(samples)))[ps.get_data_parallel_rank() :: ps.get_data_parallel_world_size()]
         groups = split_by_token_budget([samples[i].num_tokens for i in mine], self.config.trainer.max_tokens_per_micro_batch)
-        return [collate(samples, [mine[j] for j in group]) for group in groups]
+        return [collate(samples, [mine[j] for j in group]).to(self.device) for group in groups]
 
     def forward(self, samples: list[Sample], role: Role) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """Per response token, by sample index: (log-probs, entropy) for actor/reference, (values, None) for the
@@ -200,11 +205,20 @@ class PolicyWorker:
         # Loss metrics are shares of global means: summing them over data-parallel ranks gives the step's value.
         keys = sorted(k for k in metrics if k.startswith(("policy/", "critic/")) and k not in ("critic/grad_norm", "critic/update_skipped"))
         if keys:
-            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)  # NCCL: on the GPU
             torch.distributed.all_reduce(values, group=ps.get_data_parallel_group())
             metrics.update(zip(keys, values.tolist()))
         is_reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         return metrics if is_reporter else {}
+
+    def offload(self) -> None:
+        """Free the trained roles' gradient buffers and optimizer state for a colocated rollout engine."""
+        for engine in self.engines.values():
+            engine.offload()
+
+    def onload(self) -> None:
+        for engine in self.engines.values():
+            engine.onload()
 
     def push_weights(self, engines: list[Any]) -> dict[str, float]:
         """Send the actor's weights, in Hugging Face names and layout, to every rollout engine, bucket by bucket.

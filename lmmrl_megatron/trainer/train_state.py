@@ -10,14 +10,63 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+import torch
+
 from lmmrl_megatron.convert.mcore_ckpt import model_sharded_state_dict
 from lmmrl_megatron.engine.megatron_engine import MegatronEngine
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """Create Adam's state (step 0, zero moments) for parameters that have none yet, without touching them.
+
+    torch's Adam makes its state at the first step, and Megatron's distributed optimizer can only describe the
+    state it loads into once it exists (transformer-engine's and apex's Adams make theirs up front).
+    """
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = chained.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    if group.get("amsgrad"):
+                        state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, in its two parts, for torch's Adam.
+
+    torch's Adam keeps a per-parameter `step` tensor beside the moments; megatron-core 0.19's fully-reshardable
+    loader copies every tensor of a parameter's optimizer state from the checkpoint's tensors, which never hold
+    `step` (it is stored once, per parameter group), and fails on it. The steps are restored by the first part;
+    they are set aside while the second part copies parameters and moments.
+    """
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [state] if len(chained) == 1 else [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
+    for dist_optimizer, part in zip(chained, parts, strict=True):
+        part = dict(part)
+        param_state = part.pop("param_state")
+        assert part.pop("param_state_sharding_type") == "fully_reshardable"
+        dist_optimizer.load_state_dict(part)  # param groups, steps; no 'param_state': parameters untouched
+        inner = dist_optimizer.optimizer.state
+        steps = {param: moments.pop("step") for param, moments in inner.items() if "step" in moments}
+        try:
+            dist_optimizer.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for param, step in steps.items():
+                inner[param]["step"] = step
+    if len(chained) > 1:
+        optimizer._synchronize_steps()  # what ChainedOptimizer.load_state_dict ends with
 
 
 def _sharded_state(engine: MegatronEngine, is_loading: bool) -> dict:
     chunks = [chunk.module for chunk in engine.model]  # unwrap DDP: parameter names as in the plain model
     state = model_sharded_state_dict(chunks)
     assert engine.optimizer is not None
+    if is_loading:
+        _materialise_optimizer_state(engine.optimizer)
     # 'fully_reshardable' stores the optimizer state per parameter in model space, so a run can resume at another
     # TP/PP/DP layout (the default flattened format only reshards across DP).
     state["optimizer"] = engine.optimizer.sharded_state_dict(
@@ -52,4 +101,4 @@ def load_train_state(directory: Path, engines: Mapping[str, MegatronEngine]) -> 
         chunks = [chunk.module for chunk in engine.model]
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"])
-        engine.optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer_state(engine.optimizer, loaded["optimizer"])

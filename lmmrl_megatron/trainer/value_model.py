@@ -14,16 +14,20 @@ from torch import Tensor
 
 
 class ValueHead(torch.nn.Module):
-    """hidden [S, B, H] -> values [S, B, 1], with the (output, bias) return of Megatron's output layer."""
+    """hidden [S, B, H] -> values [S, B, 1], with the (output, bias) return of Megatron's output layer.
+
+    Its parameters are named `weight` and `bias` like the output layer it replaces: Megatron's checkpointing
+    looks up `output_layer.weight` on the last stage.
+    """
 
     def __init__(self, hidden_size: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1, dtype=dtype)
-        torch.nn.init.zeros_(self.linear.weight)  # start from V = bias = 0: no spurious advantages at step 1
-        torch.nn.init.zeros_(self.linear.bias)
+        # Zero-initialised: V = 0 everywhere at step 1, so the critic adds no spurious advantages.
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
 
     def forward(self, hidden_states: Tensor, weight: Tensor | None = None, runtime_gather_output: bool | None = None):
-        return self.linear(hidden_states), None
+        return torch.nn.functional.linear(hidden_states, self.weight, self.bias), None
 
 
 def attach_value_head(chunk: torch.nn.Module) -> None:

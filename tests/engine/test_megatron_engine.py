@@ -39,7 +39,7 @@ def gpt_forward(model, micro_batch):
     return model(micro_batch.input_ids, position_ids, attention_mask=None)
 
 
-def engine_worker() -> dict[str, object]:
+def engine_worker(offload_before_training: bool = False) -> dict[str, object]:
     from megatron.core import parallel_state as ps
 
     from lmmrl_megatron.engine.megatron_engine import MegatronEngine
@@ -65,6 +65,18 @@ def engine_worker() -> dict[str, object]:
         return out
 
     before = gather(engine.forward_only(micro_batches))
+    if offload_before_training:  # what a colocated rollout phase does between the forward and the update
+        buffers = [buffer for chunk in engine.model for buffer in chunk.buffers]
+        engine.offload()
+        assert all(b.grad_data.untyped_storage().size() == 0 for b in buffers), "gradient buffers not freed"
+        try:
+            engine.train_step(micro_batches, token_mean_pg_loss)
+        except AssertionError as exc:
+            assert "onload" in str(exc)
+        else:
+            raise AssertionError("train_step ran on an offloaded engine")
+        engine.onload()
+        assert all(b.grad_data.untyped_storage().size() > 0 for b in buffers)
     metrics = engine.train_step(micro_batches, token_mean_pg_loss)
     after = gather(engine.forward_only(micro_batches))
     return {"last_stage": ps.is_pipeline_last_stage(), "before": before, "after": after, "metrics": metrics}
@@ -105,6 +117,23 @@ def test_micro_batches_respect_the_token_budget() -> None:
             assert torch.equal(mb.advantages[row][mb.loss_mask[row].bool()], s.advantages)
 
 
+def test_a_micro_batch_moves_every_tensor_to_the_model_device() -> None:
+    """Workers build micro-batches on the host and move them to the model's device: no field may stay behind."""
+    from dataclasses import fields
+
+    samples = make_samples()
+    for s in samples:
+        s.old_logprobs = torch.randn(s.response_ids.numel())
+        s.pixel_values, s.image_grid_thw = torch.randn(4, 6), torch.tensor([[1, 2, 2]])
+    host = collate(samples, [0, 2])
+    moved = host.to("meta")
+    tensors = {f.name: getattr(moved, f.name) for f in fields(moved) if isinstance(getattr(host, f.name), torch.Tensor)}
+    assert {"input_ids", "labels", "loss_mask", "advantages", "old_logprobs", "pixel_values"} <= tensors.keys()
+    assert all(t.device.type == "meta" for t in tensors.values()), {k: t.device for k, t in tensors.items()}
+    assert all(tensors[name].shape == getattr(host, name).shape for name in tensors)
+    assert host.input_ids.device.type == "cpu"  # the original is left as it was
+
+
 def test_reference_step_changes_the_policy(reference) -> None:
     assert len(reference["before"]) == len(LENGTHS)
     moved = max((reference["after"][i] - reference["before"][i]).abs().max().item() for i in reference["before"])
@@ -120,4 +149,12 @@ def test_layouts_match_reference(world_size: int, tp: int, pp: int, reference) -
         torch.testing.assert_close(result["before"][index], reference["before"][index], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(result["after"][index], reference["after"][index], rtol=1e-4, atol=1e-4)
     assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4)
+
+
+def test_offload_then_onload_leaves_the_update_unchanged(reference) -> None:
+    """Freeing the gradient buffers while a colocated engine generates must not change the next optimizer step."""
+    result = merge(run_distributed(engine_worker, world_size=2, tp=2, args=(True,)))
+    for index in reference["before"]:
+        torch.testing.assert_close(result["after"][index], reference["after"][index], rtol=1e-4, atol=1e-4)
     assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4)

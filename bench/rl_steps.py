@@ -1,0 +1,117 @@
+"""Phase timings of real RL steps: a random Qwen2.5-VL checkpoint of a given shape, a synthetic image task, the
+trainer through Ray (colocated), and a table of seconds per phase for every step.
+
+    python bench/rl_steps.py --shape 3b --steps 4 --gpus 1          # on a GPU machine (bf16)
+    python bench/rl_steps.py --shape tiny --steps 4 --gpus 0        # on CPU (fp32), the same code path
+
+The checkpoint is written once under --work (random weights; nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+SHAPES: dict[str, list[str]] = {
+    "tiny": [],
+    # Qwen2.5-VL-3B-Instruct's published shapes
+    "3b": [
+        "text_config.hidden_size=2048",
+        "text_config.intermediate_size=11008",
+        "text_config.num_hidden_layers=36",
+        "text_config.num_attention_heads=16",
+        "text_config.num_key_value_heads=2",
+        "text_config.vocab_size=151936",
+        "text_config.max_position_embeddings=32768",
+        "text_config.rope_parameters={rope_type: default, rope_theta: 1000000.0, mrope_section: [16, 24, 24]}",
+        "tie_word_embeddings=true",
+        "vision_config.depth=32",
+        "vision_config.hidden_size=1280",
+        "vision_config.intermediate_size=3420",
+        "vision_config.num_heads=16",
+        "vision_config.out_hidden_size=2048",
+        "vision_config.fullatt_block_indexes=[7, 15, 23, 31]",
+        "vision_config.window_size=112",
+    ],
+}
+PHASES = ("generate", "reward", "logprob", "train", "sync")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0: CPU)")
+    parser.add_argument("--work", default="outputs/bench_rl")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    parser.add_argument("--n", type=int, default=4, help="responses per prompt")
+    args, overrides = parser.parse_known_args()
+
+    import ray
+
+    from lmmrl_megatron.config import RunConfig, load_config
+    from lmmrl_megatron.data.synthetic import main as write_synthetic
+    from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
+    from lmmrl_megatron.trainer.controller import RLTrainer
+
+    work = Path(args.work)
+    model_dir, data_dir = work / f"model_{args.shape}", work / "data"
+    dtype = "bf16" if args.gpus else "fp32"
+    if not (model_dir / "config.json").exists():
+        start = time.perf_counter()
+        make_tiny_checkpoint("qwen2_5_vl", model_dir, seed=0, overrides=SHAPES[args.shape], dtype=dtype)
+        print(f"wrote {args.shape} checkpoint in {time.perf_counter() - start:.1f}s")
+    if not (data_dir / "train.jsonl").exists():
+        write_synthetic(["--task", "color_of_shape", "--n", "256", "--out", str(data_dir), "--seed", "0"])
+    run_dir = work / f"run_{args.shape}_{int(time.time())}"
+    config = load_config(
+        RunConfig,
+        Path(__file__).resolve().parents[1] / "configs" / "rloo_tiny.yaml",
+        [
+            f"model.pretrain={model_dir}",
+            f"model.dtype={dtype}",
+            f"data.prompt_data=[{data_dir / 'train.jsonl'}]",
+            f"checkpoint.save_path={run_dir}",
+            "checkpoint.resume=none",
+            f"trainer.max_steps={args.steps}",
+            f"trainer.num_gpus_per_node={args.gpus}",
+            f"trainer.actor_world_size={max(1, args.gpus)}",
+            f"parallel.tp={max(1, args.gpus)}",
+            f"rollout.rollout_batch_size={args.prompts}",
+            f"rollout.n_samples_per_prompt={args.n}",
+            f"rollout.max_new_tokens={args.max_new_tokens}",
+            f"trainer.train_batch_size={args.prompts * args.n}",
+            "trainer.actor.lr=1e-6",
+            "logging.progress_bar=false",
+            *overrides,
+        ],
+    )
+    start = time.perf_counter()
+    trainer = RLTrainer(config)
+    print(f"trainer up in {time.perf_counter() - start:.1f}s")
+    records = []
+    try:  # the steps alone: no checkpoint is written
+        for step in range(1, args.steps + 1):
+            records.append({"step": step, **trainer.rl_step()})
+            trainer.step = step
+            print(json.dumps(records[-1]))
+    finally:
+        trainer.close()
+        ray.shutdown()
+    print(f"\nshape={args.shape} gpus={args.gpus} prompts={args.prompts} n={args.n} max_new_tokens={args.max_new_tokens}")
+    print("| step | " + " | ".join(f"{p} s" for p in PHASES) + " | total s | response tokens | sync GB |")
+    print("|" + " --- |" * (len(PHASES) + 4))
+    for r in records:
+        times = [r[f"time/{p}"] for p in PHASES]
+        num_tokens = r["response_length/mean"] * args.prompts * args.n
+        print(
+            f"| {r['step']} | " + " | ".join(f"{t:.2f}" for t in times)
+            + f" | {sum(times):.2f} | {num_tokens:.0f} | {r['sync/bytes'] / 1e9:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
