@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     worker_args = (str(args.hf), batch, args.dtype, args.packed, args.device)
     if args.device == "cpu":
-        from lmmrl_megatron.testing.distributed import run_distributed
+        from lmmrl_megatron.parallel.local_ranks import run_distributed
 
         results = run_distributed(megatron_forward, world_size=args.tp * args.pp, tp=args.tp, pp=args.pp,
                                   args=worker_args, timeout_s=1800.0)

@@ -8,7 +8,7 @@ import torch
 from lmmrl_megatron.algorithms.advantages import AdvantageInputs, compute_advantages
 from lmmrl_megatron.algorithms.aggregation import global_aggregation_count
 from lmmrl_megatron.algorithms.config import AlgorithmConfig
-from lmmrl_megatron.testing.distributed import run_distributed
+from lmmrl_megatron.parallel.local_ranks import run_distributed
 
 CONFIG = AlgorithmConfig(advantage_estimator="reinforce_baseline", gamma=0.9)
 SHARDS = [slice(0, 2), slice(2, 8)]  # rank 0: one prompt, rank 1: three prompts (different token counts)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from lmmrl_megatron.convert.pipeline import ConvertOptions, convert_hf_to_mcore, convert_mcore_to_hf
-from lmmrl_megatron.testing.distributed import run_distributed
+from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
 from tests.convert.qwen_workers import assert_same_state, hf_state, last_stage_outputs, load_export_forward_save
 

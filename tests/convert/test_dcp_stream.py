@@ -13,7 +13,7 @@ import torch
 
 from lmmrl_megatron.convert.dcp_stream import read_common_state, read_params, write_checkpoint
 from lmmrl_megatron.convert.single_process import single_process_megatron
-from lmmrl_megatron.testing.distributed import run_distributed
+from lmmrl_megatron.parallel.local_ranks import run_distributed
 from tests.convert.gpt_fixture import LAYERS, full_tensor_for, gpt_template, load_and_compare
 from tests.convert.test_mcore_ckpt import save_at_layout
 

@@ -15,7 +15,7 @@ import torch
 
 from lmmrl_megatron.convert.export import BucketPlan, ParamExport, export_hf_weights, plan_buckets
 from lmmrl_megatron.convert.hf_io import TensorSpec
-from lmmrl_megatron.testing.distributed import run_distributed
+from lmmrl_megatron.parallel.local_ranks import run_distributed
 from tests.convert.gpt_fixture import (
     HIDDEN,
     VOCAB,

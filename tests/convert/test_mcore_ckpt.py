@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmmrl_megatron.testing.distributed import run_distributed
+from lmmrl_megatron.parallel.local_ranks import run_distributed
 from tests.convert.gpt_fixture import build_gpt, eval_logits, init_by_global_name
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmmrl_megatron.engine.logprobs import vocab_parallel_logprobs
-from lmmrl_megatron.testing.distributed import run_distributed
+from lmmrl_megatron.parallel.local_ranks import run_distributed
 
 PADDED_VOCAB, REAL_VOCAB, TEMPERATURE = 16, 13, 0.7
 

@@ -12,7 +12,7 @@ import torch
 
 from lmmrl_megatron.config.sections import OptimizerConfig
 from lmmrl_megatron.engine.micro_batch import Sample, collate, response_values, split_by_token_budget
-from lmmrl_megatron.testing.distributed import run_distributed
+from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.tiny_gpt import VOCAB
 
 LENGTHS = [(5, 7), (3, 2), (8, 6), (4, 9), (6, 1), (2, 5)]  # (prompt, response) tokens

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from lmmrl_megatron.models.qwen_vl.parity import ParityBatch, build_parity_batch, from_bytes, label_log_probs
-from lmmrl_megatron.testing.distributed import run_distributed
+from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
 
 ODD = ["text_config.num_key_value_heads=1", "tie_word_embeddings=true", "text_config.vocab_size=500"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmmrl_megatron.testing.distributed import run_distributed
+from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
 
 IMAGE_SIZES = [(84, 168), (224, 140), (56, 56), (120, 90)]  # (height, width) in pixels

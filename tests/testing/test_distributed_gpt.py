@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmmrl_megatron.testing.distributed import run_distributed
+from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.tiny_gpt import VOCAB, build_tiny_gpt
 
 SEQ, MICRO_BATCH, NUM_MICROBATCHES = 16, 2, 2

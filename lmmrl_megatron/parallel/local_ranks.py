@@ -1,4 +1,5 @@
-"""Run a function in N local processes with gloo and Megatron-Core's parallel state, for CPU tests.
+"""Run a function in N local processes with gloo and Megatron-Core's parallel state: the CPU tests and
+`lmmrl-parity`'s CPU mode use it.
 
     results = run_distributed(check_forward, world_size=4, tp=2, pp=2, args=(ckpt_dir,))
 
