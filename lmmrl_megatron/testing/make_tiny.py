@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from lmmrl_megatron.models.qwen_vl.config import TORCH_DTYPES as DTYPES
 from lmmrl_megatron.testing.tokenizer import build_qwen_like_tokenizer
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl")
@@ -126,8 +127,6 @@ def _build_hf_config(arch: str, config: dict[str, Any]):
     kwargs = {k: v for k, v in config.items() if k != "model_type"}
     return config_class(**kwargs)
 
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def make_tiny_checkpoint(

@@ -13,12 +13,12 @@ import os
 from typing import Any
 
 import ray
-import torch
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lmmrl_megatron.config.schema import RunConfig
 from lmmrl_megatron.engine.micro_batch import Sample
+from lmmrl_megatron.models.qwen_vl.config import TORCH_DTYPES
 from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
 
 # NVLink multicast can take a shared host's GPUs down; it stays off in every process we start.
@@ -117,10 +117,6 @@ class PolicyGroup:
             ray.kill(w)
 
 
-# The engine samples in the trainer's dtype, so its log-probs and the trainer's agree to that dtype's rounding.
-ENGINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class RolloutGroup:
     """The rollout engines; prompts are split across them in contiguous chunks."""
 
@@ -139,7 +135,8 @@ class RolloutGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=bundle_offset + i * config.rollout.engine_tp
                 ),
-            ).remote(config.model.pretrain, device="cuda" if use_gpu else "cpu", dtype=ENGINE_DTYPES[config.model.dtype])
+            # The engine runs in the trainer's dtype: its log-probs and the trainer's then agree to that rounding.
+            ).remote(config.model.pretrain, device="cuda" if use_gpu else "cpu", dtype=TORCH_DTYPES[config.model.dtype])
             for i in range(config.rollout.num_engines)
         ]
 
