@@ -48,15 +48,24 @@ class RolloutConfig:
 
     backend: Literal["hf", "vllm"] = "hf"
     num_engines: int = 1
-    engine_tp: int = 1
+    engine_tp: int = 1  # GPUs per engine (vLLM tensor parallelism)
     rollout_batch_size: int = 8  # prompts per RL step
     n_samples_per_prompt: int = 4  # responses per prompt: the group of the group estimators
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    gpu_memory_utilization: float = 0.6
+    gpu_memory_utilization: float = 0.6  # vLLM: share of each engine GPU for weights + KV cache
+    max_model_len: int | None = None  # vLLM: longest prompt + response; None takes the model's
+    enable_prefix_caching: bool = True  # vLLM: the n samples of a prompt share its prefill
+    enforce_eager: bool = False  # vLLM: no CUDA graphs (faster start, slower decode)
+    # Colocated engines free their GPU memory between generation and the next sync: vLLM sleep level 2 discards
+    # the weights (every sync rewrites all of them); level 1 copies them to the host.
     enable_sleep: bool = True
+    sleep_level: Literal[1, 2] = 2
+    # How weights reach the engines: cuda_ipc (colocated GPUs: engines open the trainer's bucket buffers in
+    # place), object_store (through Ray, via the host; CPU runs, or engines on GPUs of their own); auto picks.
+    weight_transport: Literal["auto", "cuda_ipc", "object_store"] = "auto"
     weight_sync_bucket_mb: int = 512
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ class EncodedPrompt:
     pixel_values: [num_patches, channels * temporal_patch * patch * patch] float, or None without images.
     image_grid_thw: [num_images, 3] int64 (temporal, height, width patches per image), or None without images.
     prompt_text: the chat-templated prompt (one placeholder per image, before expansion), generation prompt included.
+    images: the decoded images, for rollout engines that run their own processor on them (vLLM).
     """
 
     record: PromptRecord
@@ -34,6 +35,7 @@ class EncodedPrompt:
     input_ids: torch.Tensor
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
+    images: list[Image.Image] | None = None
 
     @property
     def answer(self) -> str:
@@ -129,4 +131,5 @@ class PromptEncoder:
             input_ids=input_ids,
             pixel_values=inputs.get("pixel_values") if images else None,
             image_grid_thw=inputs.get("image_grid_thw") if images else None,
+            images=images or None,
         )

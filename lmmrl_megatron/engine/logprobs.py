@@ -62,18 +62,23 @@ def vocab_parallel_logprobs(
     tp_rank: int = 0,
     tp_group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
+    excluded_token_ids: tuple[int, ...] = (),
 ) -> tuple[Tensor, Tensor]:
     """Return (log-prob of each label, entropy) of `logits / temperature`, both shaped like `labels`.
 
     `logits` is [..., vocab_shard] for this TP rank (shard `tp_rank` of the padded vocabulary); columns at or
-    beyond `num_real_vocab` are padding and get no probability.
+    beyond `num_real_vocab` are padding and get no probability, nor do `excluded_token_ids` (tokens the rollout
+    engines never sample, so that these log-probs are those of the distribution the engines sample from).
     """
     shard = logits.shape[-1]
     vocab_start = tp_rank * shard
     if temperature != 1.0:
         logits = logits / temperature
     global_col = vocab_start + torch.arange(shard, device=logits.device)
-    if int(global_col[-1]) >= num_real_vocab:
-        logits = logits.masked_fill(global_col >= num_real_vocab, float("-inf"))
+    excluded = global_col >= num_real_vocab
+    if excluded_token_ids:
+        excluded = excluded | torch.isin(global_col, torch.tensor(excluded_token_ids, device=logits.device))
+    if bool(excluded.any()):
+        logits = logits.masked_fill(excluded, float("-inf"))
     group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
     return _VocabParallelLogProbs.apply(logits, labels, vocab_start, group)

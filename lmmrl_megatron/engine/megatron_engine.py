@@ -57,6 +57,7 @@ class MegatronEngine:
         temperature: float = 1.0,
         bf16: bool = False,
         head: Head = "logprobs",
+        excluded_token_ids: tuple[int, ...] = (),
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -65,6 +66,7 @@ class MegatronEngine:
         self.head = head
         self.num_real_vocab = num_real_vocab
         self.temperature = temperature
+        self.excluded_token_ids = excluded_token_ids
         self.transformer_config = model_chunks[0].config
         self.optimizer = None
         if optimizer_config is None:  # frozen (reference): no DDP, no optimizer, no grads
@@ -136,7 +138,8 @@ class MegatronEngine:
         if self.head == "values":
             return output.squeeze(-1).float(), None
         return vocab_parallel_logprobs(
-            output, micro_batch.labels, self.num_real_vocab, self.tp_rank, self.tp_group, self.temperature
+            output, micro_batch.labels, self.num_real_vocab, self.tp_rank, self.tp_group, self.temperature,
+            self.excluded_token_ids,
         )
 
     def _run(self, micro_batches: list[MicroBatch], loss_fn: LossFn | None, forward_only: bool) -> list[dict]:

@@ -12,7 +12,7 @@ taken for image positions when the sequence is trained on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Protocol, Sequence
+from typing import Any, Iterable, Literal, Protocol, Sequence
 
 import torch
 
@@ -24,6 +24,8 @@ class MultimodalPrompt:
     prompt_ids: torch.Tensor  # [prompt_len] long
     pixel_values: torch.Tensor | None = None  # [num_patches, channels * temporal_patch * patch * patch]
     image_grid_thw: torch.Tensor | None = None  # [num_images, 3]
+    # The decoded images (PIL) behind pixel_values: engines that run their own image processor (vLLM) take these.
+    images: Sequence[Any] | None = None
 
     def __post_init__(self) -> None:
         assert self.prompt_ids.dim() == 1, "prompt_ids must be a 1-D tensor of token ids"
@@ -61,8 +63,16 @@ class RolloutEngine(Protocol):
         """`params.n` outputs for each prompt, in prompt order."""
         ...
 
+    def begin_weight_update(self, manifest: list[str]) -> None:
+        """Start a sync that will deliver exactly the tensors named in `manifest` (Hugging Face names)."""
+        ...
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load one bucket of (hf_name, tensor) pairs into the live model; return how many tensors were loaded."""
+        ...
+
+    def finish_weight_update(self) -> int:
+        """End the sync: every manifest name arrived (else ValueError); caches built on the old weights dropped."""
         ...
 
     def sleep(self) -> None:
@@ -71,4 +81,11 @@ class RolloutEngine(Protocol):
 
     def wake_up(self) -> None:
         """Take the memory back; must be called before the next generate or update_weights."""
+        ...
+
+    def wake_up_weights(self) -> None:
+        """Take back the weights' memory only (for a sync); `wake_up_kv_cache` completes the wake-up."""
+        ...
+
+    def wake_up_kv_cache(self) -> None:
         ...

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
+from lmmrl_megatron.rollout.ipc import BucketMetadata, device_uuid, open_ipc_bucket
 
 
 def _params_by_checkpoint_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -50,6 +51,8 @@ class HFRolloutEngine:
         self._takes_mm_token_types = "mm_token_type_ids" in inspect.signature(self.model.forward).parameters
         self._params = _params_by_checkpoint_name(self.model)
         self._asleep = False
+        self._manifest: set[str] | None = None  # names the sync in progress must deliver
+        self._received: set[str] = set()
 
     # -- generation -------------------------------------------------------------------------------------------
     def _collate(self, prompts: Sequence[MultimodalPrompt], n: int) -> dict[str, torch.Tensor]:
@@ -97,8 +100,10 @@ class HFRolloutEngine:
             return_dict_in_generate=True,
         )
         new_tokens = out.sequences[:, batch["input_ids"].shape[1] :].cpu()
-        # Raw logits of every step, tempered as the trainer tempers them (greedy is scored at temperature 1).
+        # Raw logits of every step, tempered as the trainer tempers them (greedy is scored at temperature 1), with
+        # the suppressed tokens out of the distribution as they were when sampling.
         logits = torch.stack(out.logits, dim=1).float().cpu() / (params.temperature if not greedy else 1.0)
+        logits[..., self.suppressed_token_ids] = float("-inf")
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         results: list[list[GenerationOutput]] = []
         for row in range(new_tokens.shape[0]):
@@ -113,6 +118,10 @@ class HFRolloutEngine:
         return results
 
     # -- weights and memory ------------------------------------------------------------------------------------
+    def begin_weight_update(self, manifest: list[str]) -> None:
+        assert not self._asleep, "wake_up() the engine before a weight update"
+        self._manifest, self._received = set(manifest), set()
+
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         assert not self._asleep, "wake_up() the engine before update_weights()"
@@ -124,8 +133,26 @@ class HFRolloutEngine:
             if param.shape != tensor.shape:
                 raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+            if self._manifest is not None:
+                if name not in self._manifest or name in self._received:
+                    raise ValueError(f"update_weights: {name!r} is not in this sync's manifest, or came twice")
+                self._received.add(name)
             num_loaded += 1
         return num_loaded
+
+    def update_weights_ipc(self, handles: dict[str, Any], metadata: BucketMetadata) -> int:
+        """One bucket shared by CUDA IPC (engines colocated with the trainer); see `rollout/ipc.py`."""
+        num_loaded = self.update_weights(open_ipc_bucket(handles, metadata, self.device))
+        torch.cuda.current_stream().synchronize()
+        return num_loaded
+
+    def finish_weight_update(self) -> int:
+        assert self._manifest is not None, "begin_weight_update must start a weight sync"
+        missing = self._manifest - self._received
+        if missing:
+            raise ValueError(f"weight sync ended without {len(missing)} tensors, e.g. {sorted(missing)[:5]}")
+        num_received, self._manifest = len(self._received), None
+        return num_received
 
     def sleep(self) -> None:
         if self.device.type != "cpu":
@@ -137,3 +164,13 @@ class HFRolloutEngine:
         if self.device.type != "cpu":
             self.model.to(self.device)
         self._asleep = False
+
+    def wake_up_weights(self) -> None:
+        """The weights come back for a sync; this engine has no KV cache to hold back."""
+        self.wake_up()
+
+    def wake_up_kv_cache(self) -> None:
+        pass
+
+    def device_uuids(self) -> list[str]:
+        return [device_uuid(self.device)]

@@ -103,6 +103,19 @@ def default_config_dict(arch: str) -> dict[str, Any]:
     }
 
 
+def set_text_head_dim(config: dict[str, Any], arch: str, head_dim: int) -> None:
+    """Widen the text model to `head_dim` per attention head (vLLM's CPU attention needs >= 32): the hidden size,
+    the M-RoPE sections (in the defaults' 2:3:3 proportion) and the vision merger's output width follow."""
+    if head_dim % 16 != 0:
+        raise ValueError(f"--text-head-dim must be a multiple of 16 (M-RoPE sections 2:3:3 of head_dim / 2), got {head_dim}")
+    text = config["text_config"]
+    text["hidden_size"] = text["num_attention_heads"] * head_dim
+    unit = head_dim // 16
+    text["rope_parameters"]["mrope_section"] = [2 * unit, 3 * unit, 3 * unit]
+    merger_width_key = "hidden_size" if arch == "qwen2_vl" else "out_hidden_size"
+    config["vision_config"][merger_width_key] = text["hidden_size"]
+
+
 def apply_override(config: dict[str, Any], assignment: str) -> None:
     """Apply one `dotted.key=value` to a nested dict; the key must already exist (typos are errors)."""
     if "=" not in assignment:
@@ -130,17 +143,25 @@ def _build_hf_config(arch: str, config: dict[str, Any]):
 
 
 def make_tiny_checkpoint(
-    arch: str, out_dir: str | Path, seed: int = 0, overrides: list[str] | None = None, dtype: str = "fp32"
+    arch: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    overrides: list[str] | None = None,
+    dtype: str = "fp32",
+    text_head_dim: int | None = None,
 ) -> Path:
     """Write a tiny, seeded, offline-loadable Qwen-VL checkpoint to `out_dir` and return its path.
 
     With `overrides` giving real sizes (and `dtype="bf16"`) it writes random full-size checkpoints for benchmarks.
+    `text_head_dim` widens the text model first (see `set_text_head_dim`); overrides apply after it.
     """
     from transformers import AutoModelForImageTextToText, GenerationConfig, Qwen2Tokenizer
     from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     out = Path(out_dir)
     config = default_config_dict(arch)
+    if text_head_dim is not None:
+        set_text_head_dim(config, arch, text_head_dim)
     for assignment in overrides or []:
         apply_override(config, assignment)
 
@@ -195,8 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
+    parser.add_argument("--text-head-dim", type=int, default=None, help="text head size (vLLM on CPU needs >= 32)")
     args = parser.parse_args(argv)
-    out = make_tiny_checkpoint(args.arch, args.out, seed=args.seed, overrides=args.overrides, dtype=args.dtype)
+    out = make_tiny_checkpoint(
+        args.arch, args.out, seed=args.seed, overrides=args.overrides, dtype=args.dtype, text_head_dim=args.text_head_dim
+    )
     summary = json.loads((out / "config.json").read_text())
     print(f"wrote {args.arch} tiny checkpoint to {out} (text hidden {summary['text_config']['hidden_size']})")
 

@@ -70,6 +70,8 @@ class RLTrainer:
         resume_from = self.checkpoints.resolve_resume(config.checkpoint.resume)
         if resume_from is not None:
             self._load(resume_from)
+        if self.swap_colocated:
+            self.policy.offload()  # the policy holds only its weights while the engines generate
         self.metrics = MetricsLogger(
             self.save_path, config.logging, config.trainer.max_steps, start_step=self.step, run_config=to_dict(config)
         )
@@ -91,7 +93,7 @@ class RLTrainer:
         # 1. Prompts, processed once (token ids, pixel values, image grids), reused for generation and training.
         batch = self.prompts.next_batch()
         encoded = batch.prompts
-        prompts = [MultimodalPrompt(p.input_ids, p.pixel_values, p.image_grid_thw) for p in encoded]
+        prompts = [MultimodalPrompt(p.input_ids, p.pixel_values, p.image_grid_thw, p.images) for p in encoded]
 
         # 2. Generate n responses per prompt with the rollout engines' per-token log-probs.
         params = SamplingParams(
@@ -102,8 +104,12 @@ class RLTrainer:
             max_new_tokens=cfg.rollout.max_new_tokens,
             seed=cfg.trainer.seed + self.step,
         )
-        with timed(timings, "generate"), self._generation_phase():
+        with timed(timings, "generate"):
             outputs = self.rollout.generate(prompts, params)
+        if self.swap_colocated:  # the engines give the GPUs back to the policy until the sync
+            with timed(timings, "onload"):
+                self.rollout.sleep()
+                self.policy.onload()
         samples = [
             Sample(p.input_ids, out.response_ids, p.pixel_values, p.image_grid_thw, rollout_logprobs=out.logprobs)
             for p, group in zip(encoded, outputs)
@@ -166,27 +172,21 @@ class RLTrainer:
                     train_metrics.append(mini_metrics)
         self.kl_controller.update(float((kl.sum() / mask.sum()).item()), len(samples))
 
-        # 8. Push the new weights to the rollout engines (TP gathered, PP collected, bucketed).
+        # 8. Push the new weights to the rollout engines (TP gathered, PP collected, bucketed). Colocated, the
+        # policy first frees its gradients and optimizer state, and the engines' KV cache comes back only after
+        # the weights are in, so the two roles never hold their peaks at once.
+        if self.swap_colocated:
+            with timed(timings, "offload"):
+                self.policy.offload()
+                self.rollout.wake_up_weights()
         with timed(timings, "sync"):
-            if self.swap_colocated:
-                self.rollout.wake_up()  # the engines receive the weights awake, and stay so for the next step
             sync = self.policy.push_weights(self.rollout.engines)
+        if self.swap_colocated:
+            self.rollout.wake_up_kv_cache()
 
         entropy = pad_responses([old[i][1] for i in range(len(samples))])
         metrics = step_metrics(raw_scores, samples, mask, kl, entropy, train_metrics, advantages, kl_coef, keep)
         return metrics | {"rollout/logprob_abs_diff_max": mismatch} | sync | timings
-
-    @contextlib.contextmanager
-    def _generation_phase(self):
-        """Colocated roles take turns on the GPUs: while the engines generate, the policy ranks hold only their
-        weights (gradient buffers and optimizer state offloaded); afterwards the engines sleep until the sync."""
-        if not self.swap_colocated:
-            yield
-            return
-        self.policy.offload()
-        yield
-        self.rollout.sleep()
-        self.policy.onload()
 
     def _score(self, encoded, samples: list[Sample]) -> torch.Tensor:
         n = self.config.rollout.n_samples_per_prompt
@@ -224,7 +224,11 @@ class RLTrainer:
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         staging = self.checkpoints.stage(self.step)
+        if self.swap_colocated:
+            self.policy.onload()  # the optimizer state is saved from where it lives while training
         self.policy.save_checkpoint(str(staging))
+        if self.swap_colocated:
+            self.policy.offload()
         if self.config.checkpoint.save_hf:
             self.policy.save_hf(str(staging / "hf"))
         state = {

@@ -18,7 +18,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lmmrl_megatron.config.schema import RunConfig
 from lmmrl_megatron.engine.micro_batch import Sample
-from lmmrl_megatron.models.qwen_vl.config import TORCH_DTYPES
 from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
 
 # NVLink multicast can take a shared host's GPUs down; it stays off in every process we start.
@@ -118,27 +117,35 @@ class PolicyGroup:
 
 
 class RolloutGroup:
-    """The rollout engines; prompts are split across them in contiguous chunks."""
+    """The rollout engines of `rollout.backend`; prompts are split across them in contiguous chunks.
+
+    Engine i holds the placement group's bundles [offset + i * engine_tp, offset + (i + 1) * engine_tp). With
+    engine_tp = 1 the engine actor itself takes the bundle's GPU (a share of it when colocated); with more,
+    vLLM starts one Ray worker per bundle and the engine actor only drives them.
+    """
 
     def __init__(self, config: RunConfig, pg: PlacementGroup, bundle_offset: int) -> None:
-        from lmmrl_megatron.rollout.hf_engine import HFRolloutEngine
+        from lmmrl_megatron.rollout.registry import engine_spec
 
-        if config.rollout.backend != "hf":
-            raise ValueError(f"rollout.backend={config.rollout.backend!r} is not available yet; use 'hf'")
         use_gpu = config.trainer.num_gpus_per_node > 0
         gpu_share = (0.5 if config.trainer.colocate_all_models else 1.0) if use_gpu else 0
-        engine_cls = ray.remote(HFRolloutEngine)
-        self.engines = [
-            engine_cls.options(
+        tp = config.rollout.engine_tp
+        self.engines = []
+        for i in range(config.rollout.num_engines):
+            bundles = [bundle_offset + i * tp + k for k in range(tp)]
+            spec = engine_spec(config, i, bundles)
+            options: dict[str, Any] = dict(
                 num_cpus=0.5,
-                num_gpus=gpu_share,
+                num_gpus=gpu_share if tp == 1 else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    pg, placement_group_bundle_index=bundle_offset + i * config.rollout.engine_tp
+                    pg, placement_group_bundle_index=bundles[0], placement_group_capture_child_tasks=True
                 ),
-            # The engine runs in the trainer's dtype: its log-probs and the trainer's then agree to that rounding.
-            ).remote(config.model.pretrain, device="cuda" if use_gpu else "cpu", dtype=TORCH_DTYPES[config.model.dtype])
-            for i in range(config.rollout.num_engines)
-        ]
+            )
+            if tp > 1:  # vLLM's TP workers take this share of each bundle's GPU
+                options["runtime_env"] = {"env_vars": {**WORKER_ENV, "VLLM_RAY_PER_WORKER_GPUS": str(gpu_share)}}
+            self.engines.append(ray.remote(spec.engine_cls).options(**options).remote(**spec.kwargs))
+        # Engines start concurrently; wait here so a start-up failure surfaces before the first step.
+        self.device_uuids = ray.get([engine.device_uuids.remote() for engine in self.engines])
 
     def generate(self, prompts: list[MultimodalPrompt], params: SamplingParams) -> list[list[GenerationOutput]]:
         num = len(self.engines)
@@ -155,6 +162,12 @@ class RolloutGroup:
 
     def wake_up(self) -> None:
         ray.get([e.wake_up.remote() for e in self.engines])
+
+    def wake_up_weights(self) -> None:
+        ray.get([e.wake_up_weights.remote() for e in self.engines])
+
+    def wake_up_kv_cache(self) -> None:
+        ray.get([e.wake_up_kv_cache.remote() for e in self.engines])
 
     def shutdown(self) -> None:
         for engine in self.engines:

@@ -135,12 +135,16 @@ class PolicyWorker:
         temperature = self.config.rollout.temperature or 1.0
         bf16 = self.config.model.dtype == "bf16"
         self.actor_chunks = self._build_model()
+        # The rollout engines never sample vision placeholders; the log-probs are those of what they sample.
+        never_sampled = self.never_sampled_token_ids
         self.engines["actor"] = MegatronEngine(
-            self.actor_chunks, qwen_vl_forward, self.num_real_vocab, self.config.trainer.actor, temperature, bf16
+            self.actor_chunks, qwen_vl_forward, self.num_real_vocab, self.config.trainer.actor, temperature, bf16,
+            excluded_token_ids=never_sampled,
         )
         if self.with_reference:
             self.engines["reference"] = MegatronEngine(
-                self._build_model(), qwen_vl_forward, self.num_real_vocab, None, temperature, bf16
+                self._build_model(), qwen_vl_forward, self.num_real_vocab, None, temperature, bf16,
+                excluded_token_ids=never_sampled,
             )
         if self.with_critic:
             from lmmrl_megatron.trainer.value_model import attach_value_head
@@ -158,6 +162,10 @@ class PolicyWorker:
 
         chunks, qwen_config = build_policy_chunks(self.config.model, self.config.parallel, self.use_gpu)
         self.num_real_vocab = qwen_config.text.vocab_size
+        tokens = qwen_config.tokens
+        self.never_sampled_token_ids = (
+            tokens.image_token_id, tokens.video_token_id, tokens.vision_start_token_id, tokens.vision_end_token_id
+        )
         self.shards_to_hf = qwen_vl_shards_to_hf(qwen_config, self.config.model.transformer_impl)
         return chunks
 
@@ -221,26 +229,14 @@ class PolicyWorker:
             engine.onload()
 
     def push_weights(self, engines: list[Any]) -> dict[str, float]:
-        """Send the actor's weights, in Hugging Face names and layout, to every rollout engine, bucket by bucket.
+        """Send the actor's weights, in Hugging Face names and layout, to every rollout engine, bucket by bucket,
+        through the configured transport (`trainer/weight_sync.py`); every rank takes part."""
+        from lmmrl_megatron.trainer.weight_sync import choose_transport, sync_cuda_ipc, sync_object_store
 
-        One model replica (data-parallel rank 0) exports: its TP x PP ranks gather each stage's parameters and
-        bring them to the replica's first rank, which hands each bucket to the engines."""
-        import ray
-        from megatron.core import parallel_state as ps
-
-        from lmmrl_megatron.convert.export import export_hf_weights
-
-        if ps.get_data_parallel_rank() != 0:
-            return {}
-        num_tensors, num_bytes = 0, 0
-        bucket_bytes = self.config.rollout.weight_sync_bucket_mb * 2**20
-        for bucket in export_hf_weights(self.actor_chunks, self.shards_to_hf, bucket_bytes, receivers="first_rank"):
-            # The bucket's tensors are views of a buffer reused for the next one: the engines must have them first.
-            ref = ray.put([(name, tensor.cpu()) for name, tensor in bucket])
-            ray.get([engine.update_weights.remote(ref) for engine in engines])
-            num_tensors += len(bucket)
-            num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        return {"sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes)}
+        rollout = self.config.rollout
+        transport = choose_transport(rollout.weight_transport, self.use_gpu, self.config.trainer.colocate_all_models)
+        sync = sync_cuda_ipc if transport == "cuda_ipc" else sync_object_store
+        return sync(self.actor_chunks, self.shards_to_hf, engines, rollout.weight_sync_bucket_mb * 2**20)
 
     def save_hf(self, directory: str) -> None:
         """Write the actor as a Hugging Face checkpoint (sharded safetensors + the pretrained model's config,

@@ -6,52 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
-from lmmrl_megatron.rollout import MultimodalPrompt, SamplingParams
+from lmmrl_megatron.rollout import SamplingParams
 from lmmrl_megatron.rollout.hf_engine import HFRolloutEngine
 from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
+from tests.rollout.prompts import make_prompts, teacher_forced_logprobs
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("ckpt")
     return (make_tiny_checkpoint("qwen2_5_vl", root / "a", seed=0), make_tiny_checkpoint("qwen2_5_vl", root / "b", seed=1))
-
-
-def make_prompts(model_dir: Path) -> list[MultimodalPrompt]:
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    prompts = []
-    for size, question in [((84, 56), "How many circles?"), ((56, 112), "What color is the shape?"), (None, "Hi")]:
-        content = [{"type": "text", "text": question}]
-        images = None
-        if size is not None:
-            image = Image.new("RGB", size, "white")
-            ImageDraw.Draw(image).ellipse((5, 5, 30, 30), fill="red")
-            content.insert(0, {"type": "image"})
-            images = [image]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        inputs = processor(text=[text], images=images, return_tensors="pt")
-        prompts.append(
-            MultimodalPrompt(inputs["input_ids"][0], inputs.get("pixel_values"), inputs.get("image_grid_thw"))
-        )
-    return prompts
-
-
-def teacher_forced_logprobs(engine: HFRolloutEngine, prompt: MultimodalPrompt, response: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Score prompt + response in one forward pass of the engine's model, unpadded."""
-    ids = torch.cat([prompt.prompt_ids, response]).unsqueeze(0)
-    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if prompt.pixel_values is not None:
-        kwargs.update(pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
-        kwargs["mm_token_type_ids"] = (ids == engine.image_token_id).long()
-    with torch.no_grad():
-        logits = engine.model(**kwargs).logits[0].float() / temperature
-    start = prompt.prompt_ids.numel()
-    logp = torch.log_softmax(logits[start - 1 : -1], dim=-1)
-    return logp.gather(-1, response.unsqueeze(-1)).squeeze(-1)
 
 
 def test_generate_shapes_stop_and_logprobs_match_a_forward_pass(checkpoints) -> None:
@@ -71,7 +36,7 @@ def test_generate_shapes_stop_and_logprobs_match_a_forward_pass(checkpoints) -> 
                 assert out.response_ids.numel() == 12
             assert (out.logprobs <= 0).all()
             assert not torch.isin(out.response_ids, torch.tensor(engine.suppressed_token_ids)).any()
-            expected = teacher_forced_logprobs(engine, prompt, out.response_ids, temperature=0.9)
+            expected = teacher_forced_logprobs(engine.model, prompt, out.response_ids, 0.9, engine.suppressed_token_ids)
             torch.testing.assert_close(out.logprobs, expected, atol=2e-4, rtol=1e-4)
 
 

@@ -1,0 +1,102 @@
+"""Weight sync, trainer side: the TP x PP export's Hugging Face buckets carried to the rollout engines.
+
+The export (`convert/export.py`) makes the buckets; a transport only decides how their bytes reach the engines.
+Every sync is framed by `begin_weight_update(manifest)` / `finish_weight_update()` on each engine, so an engine
+checks it received every tensor the plan names, exactly once, and drops caches built on the old weights.
+
+- `object_store`: one model replica (data-parallel rank 0) exports to its first rank, which puts each bucket in
+  Ray's object store as host tensors; every engine loads it. Works everywhere (CPU runs, engines on GPUs of
+  their own) at host-copy speed.
+- `cuda_ipc`: engines colocated with the trainer on the same GPUs. Every replica exports with the bucket
+  broadcast to all its ranks, so each GPU holds each bucket; each rank shares its bucket buffer by CUDA IPC and
+  the engine worker on that GPU reads it in place: no host copy, no object store.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Sequence
+
+import torch
+
+from lmmrl_megatron.convert.export import ShardsToHF, export_hf_weights, plan_export
+from lmmrl_megatron.rollout.ipc import device_uuid
+
+Transport = Literal["cuda_ipc", "object_store"]
+
+
+def choose_transport(requested: str, use_gpu: bool, colocated: bool) -> Transport:
+    """`auto`: CUDA IPC when engines share the trainer's GPUs, the object store otherwise."""
+    if requested == "auto":
+        return "cuda_ipc" if use_gpu and colocated else "object_store"
+    if requested == "cuda_ipc" and not (use_gpu and colocated):
+        raise ValueError("rollout.weight_transport=cuda_ipc needs GPUs and trainer.colocate_all_models=true")
+    return requested  # type: ignore[return-value]
+
+
+def _manifest(plan) -> list[str]:
+    return [spec.name for bucket in plan for param in bucket.params for spec in param.hf_specs]
+
+
+def _bucket_metadata(views: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list[tuple[str, str, tuple[int, ...], int]]]:
+    """The flat byte buffer under a bucket's views, and each view's (name, dtype, shape, byte offset) in it."""
+    storage = views[0][1].untyped_storage()
+    buffer = torch.empty(0, dtype=torch.uint8, device=views[0][1].device).set_(storage)
+    base = storage.data_ptr()
+    metadata = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), t.data_ptr() - base) for name, t in views]
+    return buffer, metadata
+
+
+def sync_object_store(chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int) -> dict[str, float]:
+    import ray
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank() != 0:
+        return {}
+    plan = plan_export(chunks, shards_to_hf, bucket_bytes)
+    is_sender = ps.get_pipeline_model_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
+    if is_sender:
+        ray.get([engine.begin_weight_update.remote(_manifest(plan)) for engine in engines])
+    num_tensors, num_bytes = 0, 0
+    for bucket in export_hf_weights(chunks, shards_to_hf, bucket_bytes, receivers="first_rank", plan=plan):
+        # The bucket's tensors are views of a buffer reused for the next one: the engines must have them first.
+        ref = ray.put([(name, tensor.cpu()) for name, tensor in bucket])
+        ray.get([engine.update_weights.remote(ref) for engine in engines])
+        num_tensors += len(bucket)
+        num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+    if not is_sender:
+        return {}
+    ray.get([engine.finish_weight_update.remote() for engine in engines])
+    return {"sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes)}
+
+
+def sync_cuda_ipc(chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int) -> dict[str, float]:
+    """Collective over every trainer rank; global rank 0 drives the engines."""
+    import ray
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    is_driver = torch.distributed.get_rank() == 0
+    uuid = device_uuid(torch.device("cuda", torch.cuda.current_device()))
+    plan = plan_export(chunks, shards_to_hf, bucket_bytes)
+    if is_driver:
+        ray.get([engine.begin_weight_update.remote(_manifest(plan)) for engine in engines])
+    num_tensors, num_bytes, wait_s = 0, 0, 0.0
+    for bucket in export_hf_weights(chunks, shards_to_hf, bucket_bytes, receivers="all_ranks", plan=plan):
+        buffer, metadata = _bucket_metadata(bucket)
+        torch.cuda.current_stream().synchronize()  # the bucket is complete before another process reads it
+        handle = reduce_tensor(buffer)[1]
+        handles: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(handles, (uuid, handle))
+        if is_driver:
+            by_gpu = dict(handles)
+            start = time.perf_counter()
+            ray.get([engine.update_weights_ipc.remote(by_gpu, metadata) for engine in engines])
+            wait_s += time.perf_counter() - start
+            num_tensors += len(bucket)
+            num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        torch.distributed.barrier()  # no rank frees or refills its buffer before every engine has read it
+        del buffer
+    if not is_driver:
+        return {}
+    ray.get([engine.finish_weight_update.remote() for engine in engines])
+    return {"sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes), "sync/engine_load_s": wait_s}
