@@ -108,7 +108,7 @@ class VLLMRolloutEngine:
         if not self.on_gpu:
             kwargs["skip_mm_profiling"] = True  # the encoder-cache profile run costs minutes on CPU
         self.llm = LLM(**kwargs)
-        self._asleep = False
+        self._weights_asleep = self._kv_cache_asleep = False
 
     # -- generation -------------------------------------------------------------------------------------------
     def _vllm_prompt(self, prompt: MultimodalPrompt) -> dict[str, Any]:
@@ -140,7 +140,7 @@ class VLLMRolloutEngine:
         )
 
     def generate(self, prompts: Sequence[MultimodalPrompt], params: SamplingParams) -> list[list[GenerationOutput]]:
-        assert not self._asleep, "wake_up() the engine before generate()"
+        assert not (self._weights_asleep or self._kv_cache_asleep), "wake_up() the engine before generate()"
         if not prompts:
             return []
         requests = [self._vllm_prompt(p) for p in prompts]
@@ -176,7 +176,7 @@ class VLLMRolloutEngine:
     # -- weights and memory ------------------------------------------------------------------------------------
     def begin_weight_update(self, manifest: list[str]) -> None:
         """Start a sync; `manifest` names every tensor the sync will carry (checked at `finish_weight_update`)."""
-        assert not self._asleep, "wake_up() the engine before a weight update"
+        assert not self._weights_asleep, "wake_up() (or wake_up_weights()) the engine before a weight update"
         self.llm.collective_rpc("lmmrl_begin_update", args=(manifest,))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -202,22 +202,23 @@ class VLLMRolloutEngine:
     def sleep(self) -> None:
         if self.options.enable_sleep and self.on_gpu:
             self.llm.sleep(level=self.options.sleep_level)
-        self._asleep = True
+        self._weights_asleep = self._kv_cache_asleep = True
 
     def wake_up(self) -> None:
         if self.options.enable_sleep and self.on_gpu:
             self.llm.wake_up()
-        self._asleep = False
+        self._weights_asleep = self._kv_cache_asleep = False
 
     def wake_up_weights(self) -> None:
         """First half of a wake-up for a sync: weights only, the KV cache stays free while buckets arrive."""
         if self.options.enable_sleep and self.on_gpu:
             self.llm.wake_up(tags=["weights"])
+        self._weights_asleep = False
 
     def wake_up_kv_cache(self) -> None:
         if self.options.enable_sleep and self.on_gpu:
             self.llm.wake_up(tags=["kv_cache"])
-        self._asleep = False
+        self._kv_cache_asleep = False
 
     def device_uuids(self) -> list[str]:
         """The GPU UUID of each TP worker, in worker order (for picking CUDA IPC handles)."""
