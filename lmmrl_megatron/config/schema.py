@@ -31,6 +31,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.algorithm.check_samples_per_prompt(self.rollout.n_samples_per_prompt)
+        rollout, trainer = self.rollout, self.trainer
+        if trainer.colocate_all_models and rollout.num_engines * rollout.engine_tp > trainer.actor_world_size:
+            raise ValueError(
+                f"colocated rollout engines need rollout.num_engines x rollout.engine_tp = "
+                f"{rollout.num_engines * rollout.engine_tp} <= trainer.actor_world_size = {trainer.actor_world_size} GPUs"
+            )
+        if rollout.weight_transport == "cuda_ipc" and not (trainer.num_gpus_per_node > 0 and trainer.colocate_all_models):
+            raise ValueError("rollout.weight_transport=cuda_ipc needs GPUs and trainer.colocate_all_models=true")
         model_parallel = self.parallel.tp * self.parallel.pp
         if self.trainer.actor_world_size % model_parallel != 0:
             raise ValueError(

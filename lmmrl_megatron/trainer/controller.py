@@ -48,6 +48,7 @@ class RLTrainer:
         from lmmrl_megatron.data.loader import build_prompt_loader
 
         self.config = config
+        init_ray(config)  # first: a run that cannot be placed stops before anything is read or built
         self.save_path = Path(config.checkpoint.save_path)
         self.save_path.mkdir(parents=True, exist_ok=True)
         dump_yaml(config, self.save_path / "config.yaml")
@@ -57,7 +58,6 @@ class RLTrainer:
         self.reward = self._make_reward()
         self.use_reference = config.algorithm.needs_reference
         self.use_critic = config.algorithm.needs_critic
-        init_ray(config)
         pg, policy_offset, rollout_offset = make_placement_group(config)
         self.placement_group = pg
         self.policy = PolicyGroup(config, pg, policy_offset, self.use_reference, self.use_critic)

@@ -24,13 +24,43 @@ from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, Sa
 WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def num_gpus_needed(config: RunConfig) -> int:
+    """GPUs the placement group asks for: the policy ranks, plus the engines' own unless colocated."""
+    trainer, rollout = config.trainer, config.rollout
+    if trainer.num_gpus_per_node == 0:
+        return 0
+    engines = 0 if trainer.colocate_all_models else rollout.num_engines * rollout.engine_tp
+    return trainer.actor_world_size + engines
+
+
 def init_ray(config: RunConfig) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local one sized for this run."""
-    if ray.is_initialized():
-        return
+    """Join the cluster named by RAY_ADDRESS, or start a local one sized for this run; then check that the
+    cluster has the GPUs the run places, before anything is built on it."""
+    if not ray.is_initialized():
+        _start_or_join_ray(config)
+    needed = num_gpus_needed(config)
+    available = int(ray.cluster_resources().get("GPU", 0))
+    if available < needed:
+        raise ValueError(
+            f"the Ray cluster has {available} GPUs; this run places {needed} (trainer.actor_world_size="
+            f"{config.trainer.actor_world_size}"
+            + ("" if config.trainer.colocate_all_models else f" + rollout.num_engines x rollout.engine_tp")
+            + f"): start the run on a cluster of trainer.num_nodes={config.trainer.num_nodes} x "
+            f"trainer.num_gpus_per_node={config.trainer.num_gpus_per_node} GPUs (scripts/slurm/ray_cluster.sbatch)"
+        )
+
+
+def _start_or_join_ray(config: RunConfig) -> None:
     env = {"env_vars": WORKER_ENV}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(runtime_env=env)
+        except ConnectionError as exc:
+            raise ValueError(
+                f"no Ray cluster at RAY_ADDRESS={address!r} ({exc}); start one first, e.g. with "
+                "scripts/slurm/ray_cluster.sbatch, or unset RAY_ADDRESS to start a local cluster"
+            ) from None
         return
     trainer = config.trainer
     # Logical CPUs: one per actor we place, whatever the machine has; the OS shares the real cores.
@@ -46,6 +76,7 @@ def make_placement_group(config: RunConfig) -> tuple[PlacementGroup, int, int]:
     gpu = 1 if trainer.num_gpus_per_node > 0 else 0
     num_policy = trainer.actor_world_size
     num_rollout = 0 if trainer.colocate_all_models else config.rollout.num_engines * config.rollout.engine_tp
+    assert not gpu or num_policy + num_rollout == num_gpus_needed(config)
     bundles = [{"CPU": 1, "GPU": gpu} if gpu else {"CPU": 1} for _ in range(num_policy + num_rollout)]
     pg = placement_group(bundles, strategy="PACK")
     ray.get(pg.ready())

@@ -29,8 +29,7 @@ def choose_transport(requested: str, use_gpu: bool, colocated: bool) -> Transpor
     """`auto`: CUDA IPC when engines share the trainer's GPUs, the object store otherwise."""
     if requested == "auto":
         return "cuda_ipc" if use_gpu and colocated else "object_store"
-    if requested == "cuda_ipc" and not (use_gpu and colocated):
-        raise ValueError("rollout.weight_transport=cuda_ipc needs GPUs and trainer.colocate_all_models=true")
+    assert requested != "cuda_ipc" or (use_gpu and colocated), "RunConfig refuses cuda_ipc without colocated GPUs"
     return requested  # type: ignore[return-value]
 
 

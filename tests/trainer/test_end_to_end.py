@@ -30,9 +30,13 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("e2e")
     model = make_tiny_checkpoint("qwen2_5_vl", root / "model", seed=0)
+    default_model = make_tiny_checkpoint("qwen2_5_vl", root / "default_model", seed=0, text_head_dim=32)  # run_tiny.sh's
     synthetic_main(["--task", "count_shapes", "--n", "64", "--out", str(root / "data"), "--seed", "0"])
     synthetic_main(["--task", "color_of_shape", "--n", "256", "--out", str(root / "color"), "--seed", "0"])
-    return {"root": root, "model": model, "data": root / "data" / "train.jsonl", "color": root / "color" / "train.jsonl"}
+    return {
+        "root": root, "model": model, "default_model": default_model, "data": root / "data" / "train.jsonl",
+        "color": root / "color" / "train.jsonl",
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -136,7 +140,7 @@ def test_the_embedded_default_learns(assets, tmp_path: Path) -> None:
         RunConfig,
         REPO / "configs" / "rloo_tiny.yaml",
         [
-            f"model.pretrain={assets['model']}",
+            f"model.pretrain={assets['default_model']}",
             f"data.prompt_data=[{assets['color']}]",
             f"checkpoint.save_path={tmp_path / 'learn'}",
             "trainer.max_steps=24",
