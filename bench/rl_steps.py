@@ -36,7 +36,7 @@ SHAPES: dict[str, list[str]] = {
         "vision_config.window_size=112",
     ],
 }
-PHASES = ("generate", "reward", "logprob", "train", "sync")
+PHASES = ("generate", "onload", "reward", "logprob", "train", "offload", "sync")  # onload/offload: the colocated swap
 
 
 def main() -> None:
@@ -105,7 +105,7 @@ def main() -> None:
     print("| step | " + " | ".join(f"{p} s" for p in PHASES) + " | total s | response tokens | sync GB |")
     print("|" + " --- |" * (len(PHASES) + 4))
     for r in records:
-        times = [r[f"time/{p}"] for p in PHASES]
+        times = [r.get(f"time/{p}", 0.0) for p in PHASES]
         num_tokens = r["response_length/mean"] * args.prompts * args.n
         print(
             f"| {r['step']} | " + " | ".join(f"{t:.2f}" for t in times)
