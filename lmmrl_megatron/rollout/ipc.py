@@ -22,7 +22,11 @@ def open_ipc_bucket(handles: dict[str, Any], metadata: BucketMetadata, device: t
     args = list(handles[device_uuid(device)])
     # The sender's device index means nothing in this process.
     args[6] = device.index if device.index is not None else torch.cuda.current_device()
-    buffer = rebuild_cuda_tensor(*args)
+    return bucket_views(rebuild_cuda_tensor(*args), metadata)
+
+
+def bucket_views(buffer: torch.Tensor, metadata: BucketMetadata) -> list[tuple[str, torch.Tensor]]:
+    """The named tensors inside a bucket's flat uint8 buffer."""
     bucket = []
     for name, dtype_name, shape, offset in metadata:
         dtype = getattr(torch, dtype_name)
