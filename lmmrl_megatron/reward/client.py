@@ -4,6 +4,10 @@ Retries (with exponential backoff) cover what a restart or a busy server causes:
 timeouts, and 5xx replies. A 4xx reply means the request itself is wrong, so it fails at once with the server's
 message. Works with LMM-R1 / OpenRLHF servers, which answer only `rewards` (and perhaps `format_rewards`,
 `acc_rewards`), as well as with `lmmrl_megatron.reward.server`.
+
+With several servers (`remote_rm_url` with commas, as OpenRLHF takes it) a batch is cut into one contiguous part
+per server, the parts are posted at the same time, and each retry of a part goes to the next server in the list,
+so one server that is down slows its part instead of failing the step.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import math
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from lmmrl_megatron.reward.config import RewardConfig
+from lmmrl_megatron.reward.config import RewardConfig, split_remote_rm_url
 from lmmrl_megatron.reward.results import RewardBatchResult, RewardCounters
 
 logger = logging.getLogger(__name__)
@@ -47,21 +52,35 @@ class _Retryable(Exception):
     pass
 
 
+def get_reward_url(url: str) -> str:
+    """A server's base (`http://host:port`) or its full `.../get_reward` URL -> the full URL."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"remote reward url must start with http:// or https://, got {url!r}")
+    return url if url.rstrip("/").endswith("/get_reward") else url.rstrip("/") + "/get_reward"
+
+
 class RemoteRewardClient:
-    """Scores batches on a remote reward server. `url` is the server's base (`http://host:port`) or the full
-    `.../get_reward` URL, as OpenRLHF's `--remote_rm_url` takes it."""
+    """Scores batches on one or more remote reward servers. `url` is a server's base (`http://host:port`) or its
+    full `.../get_reward` URL, or several of them separated by commas, as OpenRLHF's `--remote_rm_url` takes it."""
 
     def __init__(self, url: str, policy: RetryPolicy | None = None) -> None:
-        if not url.startswith(("http://", "https://")):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"remote reward url must start with http:// or https://, got {url!r}")
-        self.url = url if url.rstrip("/").endswith("/get_reward") else url.rstrip("/") + "/get_reward"
+        self.urls = [get_reward_url(part) for part in split_remote_rm_url(url)[0]]
         self.policy = policy or RetryPolicy()
         self.num_retries = 0  # over the client's lifetime, for logs
+        self._senders = ThreadPoolExecutor(len(self.urls), "reward-client") if len(self.urls) > 1 else None
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
 
     @classmethod
     def from_config(cls, config: RewardConfig) -> RemoteRewardClient:
         if config.remote_rm_url is None:
             raise ValueError("reward.remote_rm_url is not set")
+        if not config.remote_urls:
+            raise ValueError(f"reward.remote_rm_url {config.remote_rm_url!r} names a reward_func file, not a server")
         policy = RetryPolicy(
             timeout_s=config.client_timeout_s,
             max_retries=config.client_max_retries,
@@ -77,33 +96,49 @@ class RemoteRewardClient:
                 f"score: {len(queries)} queries, {len(prompts)} prompts, "
                 f"{'no' if labels is None else len(labels)} labels: the lengths must match"
             )
-        payload: dict[str, object] = {"query": queries, "prompts": prompts}
-        if labels is not None:
-            payload["labels"] = labels
-        reply = self._post_with_retries(json.dumps(payload).encode())
-        return parse_reply(reply, len(queries))
+        size = max(1, -(-len(queries) // len(self.urls)))
+        starts = range(0, len(queries), size) if queries else [0]
+        parts = [(index, start, min(start + size, len(queries))) for index, start in enumerate(starts)]
 
-    def _post_with_retries(self, body: bytes) -> object:
+        def score_part(part: tuple[int, int, int]) -> RewardBatchResult:
+            index, start, end = part
+            payload: dict[str, object] = {"query": queries[start:end], "prompts": prompts[start:end]}
+            if labels is not None:
+                payload["labels"] = labels[start:end]
+            return parse_reply(self._post_with_retries(json.dumps(payload).encode(), index), end - start)
+
+        if self._senders is None or len(parts) == 1:
+            results = [score_part(part) for part in parts]
+        else:
+            results = list(self._senders.map(score_part, parts))
+        return RewardBatchResult.concatenate(results)
+
+    def close(self) -> None:
+        if self._senders is not None:
+            self._senders.shutdown()
+
+    def _post_with_retries(self, body: bytes, first_server: int = 0) -> object:
         last_problem = ""
         for attempt in range(self.policy.max_retries + 1):
+            url = self.urls[(first_server + attempt) % len(self.urls)]
             if attempt > 0:
                 self.num_retries += 1
                 delay = self.policy.delay_before_retry(attempt)
-                logger.warning("reward server %s: %s; retry %d/%d in %.1f s",
-                               self.url, last_problem, attempt, self.policy.max_retries, delay)
+                logger.warning("reward server %s: %s; retry %d/%d on %s in %.1f s",
+                               self.urls[(first_server + attempt - 1) % len(self.urls)], last_problem, attempt,
+                               self.policy.max_retries, url, delay)
                 time.sleep(delay)
             try:
-                return self._post_once(body)
+                return self._post_once(url, body)
             except _Retryable as problem:
-                last_problem = str(problem)
+                last_problem = f"{url}: {problem}" if len(self.urls) > 1 else str(problem)
+        servers = f"reward server {self.url}" if len(self.urls) == 1 else f"reward servers {', '.join(self.urls)}"
         raise RemoteRewardError(
-            f"reward server {self.url} failed after {self.policy.max_retries + 1} attempts; last: {last_problem}"
+            f"{servers} failed after {self.policy.max_retries + 1} attempts; last: {last_problem}"
         )
 
-    def _post_once(self, body: bytes) -> object:
-        request = urllib.request.Request(
-            self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
+    def _post_once(self, url: str, body: bytes) -> object:
+        request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=self.policy.timeout_s) as response:
                 raw = response.read()
@@ -111,7 +146,7 @@ class RemoteRewardClient:
             detail = _error_detail(error)
             if error.code >= 500:
                 raise _Retryable(f"HTTP {error.code}: {detail}") from error
-            raise RemoteRewardError(f"reward server {self.url} rejected the request: HTTP {error.code}: {detail}",
+            raise RemoteRewardError(f"reward server {url} rejected the request: HTTP {error.code}: {detail}",
                                     status=error.code) from error
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as error:
             reason = error.reason if isinstance(error, urllib.error.URLError) else error
@@ -119,7 +154,7 @@ class RemoteRewardClient:
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RemoteRewardError(f"reward server {self.url} answered invalid JSON: {raw[:200]!r}") from error
+            raise RemoteRewardError(f"reward server {url} answered invalid JSON: {raw[:200]!r}") from error
 
 
 def _error_detail(error: urllib.error.HTTPError) -> str:

@@ -54,8 +54,15 @@ class RewardConfig:
         format_kind: what the `format` reward checks, and so what the prompt should ask for:
             `think_answer` = exactly one `<think>...</think>` followed by exactly one `<answer>...</answer>`;
             `boxed` = exactly one `\\boxed{...}` with a non-empty answer.
-        remote_rm_url: when set, the trainer asks this server (POST .../get_reward) instead of scoring locally.
-        timeout_s: seconds one reward function may spend on one sample before it is killed and scores 0.
+        remote_rm_url: when set, the trainer scores with this instead of `functions`, as OpenRLHF / LMM-R1 take
+            `--remote_rm_url`: one reward server (`http://host:port` or `.../get_reward`), several separated by
+            commas (each batch is split across them; a server that fails passes its part to the next), or the path
+            of a Python file whose `reward_func(queries, prompts, labels)` scores whole batches
+            (`path/to/reward_func.py`, or `path/to/file.py:function_name`), run in the verifier processes.
+        timeout_s: seconds (real time) one reward function may spend on one sample; past it the call is
+            interrupted (its process killed, if it does not return to Python) and scores 0, counted as a timeout.
+        math_timeout_s: seconds of CPU time each math-verify step of `accuracy` (parsing the label, parsing the
+            answer, comparing them) may use; CPU time, so a busy machine does not turn a right answer into a timeout.
         num_workers: verifier processes (sympy runs there, so a hang can be killed without stalling the batch).
         client_timeout_s: seconds the remote client waits for one HTTP reply.
         client_max_retries: retries after a connection error, a timeout or a 5xx reply (never after a 4xx).
@@ -67,6 +74,7 @@ class RewardConfig:
     format_kind: FormatKind = "think_answer"
     remote_rm_url: str | None = None
     timeout_s: float = 10.0
+    math_timeout_s: float = 3.0
     num_workers: int = 4
     client_timeout_s: float = 120.0
     client_max_retries: int = 3
@@ -83,9 +91,10 @@ class RewardConfig:
             raise ValueError(f"reward.functions lists {duplicates} more than once; merge them into one weight")
         if self.format_kind not in ("think_answer", "boxed"):
             raise ValueError(f"reward.format_kind must be 'think_answer' or 'boxed', got {self.format_kind!r}")
-        if self.remote_rm_url is not None and not self.remote_rm_url.startswith(("http://", "https://")):
-            raise ValueError(f"reward.remote_rm_url must start with http:// or https://, got {self.remote_rm_url!r}")
+        if self.remote_rm_url is not None:
+            split_remote_rm_url(self.remote_rm_url)  # raises naming the bad part
         _require_positive("reward.timeout_s", self.timeout_s)
+        _require_positive("reward.math_timeout_s", self.math_timeout_s)
         _require_positive("reward.client_timeout_s", self.client_timeout_s)
         _require_non_negative("reward.client_backoff_s", self.client_backoff_s)
         _require_non_negative("reward.client_backoff_max_s", self.client_backoff_max_s)
@@ -96,12 +105,50 @@ class RewardConfig:
             raise ValueError(f"reward.client_max_retries must be an integer >= 0, got {retries!r}")
 
     @property
+    def remote_urls(self) -> list[str]:
+        """The reward servers of `remote_rm_url` (empty when it names a reward_func file, or is unset)."""
+        return [] if self.remote_rm_url is None else split_remote_rm_url(self.remote_rm_url)[0]
+
+    @property
+    def remote_function(self) -> str | None:
+        """The reward_func file `remote_rm_url` names, if it names one."""
+        return None if self.remote_rm_url is None else split_remote_rm_url(self.remote_rm_url)[1]
+
+    @property
     def function_names(self) -> list[str]:
         return [function.name for function in self.functions]
 
     @property
     def function_weights(self) -> list[float]:
         return [function.weight for function in self.functions]
+
+
+def is_function_path(text: str) -> bool:
+    """Whether a `remote_rm_url` entry names a Python file (`x.py` or `x.py:function`) rather than a server."""
+    path, separator, name = text.rpartition(":")
+    return text.endswith(".py") or (bool(separator) and path.endswith(".py") and name.isidentifier())
+
+
+def split_remote_rm_url(value: str) -> tuple[list[str], str | None]:
+    """(server URLs, reward_func file) of a `remote_rm_url`; a ValueError naming the part that is neither."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"reward.remote_rm_url must be a non-empty string, got {value!r}")
+    parts = [part.strip() for part in value.split(",")]
+    if any(not part for part in parts):
+        raise ValueError(f"reward.remote_rm_url {value!r} has an empty entry between commas")
+    files = [part for part in parts if is_function_path(part)]
+    if files:
+        if len(parts) > 1:
+            raise ValueError(
+                f"reward.remote_rm_url {value!r}: a reward_func file ({files[0]!r}) must be the only entry"
+            )
+        return [], files[0]
+    for part in parts:
+        if not part.startswith(("http://", "https://")):
+            raise ValueError(
+                f"reward.remote_rm_url entry {part!r} must start with http:// or https:// (or name a .py file)"
+            )
+    return parts, None
 
 
 def _as_function_config(item: object, index: int) -> RewardFunctionConfig:

@@ -15,9 +15,9 @@ _THINK_THEN_ANSWER = re.compile(
 _BOXED_COMMAND = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
-def find_boxed_contents(text: str) -> list[str]:
-    """The contents of every `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced; unclosed ones are dropped."""
-    contents: list[str] = []
+def _boxes(text: str) -> list[tuple[int, int, int]]:
+    """(start of the command, start of the contents, end of the box) of every closed box, braces balanced."""
+    found: list[tuple[int, int, int]] = []
     for match in _BOXED_COMMAND.finditer(text):
         depth = 1
         position = match.end()
@@ -28,8 +28,31 @@ def find_boxed_contents(text: str) -> list[str]:
                 depth -= 1
             position += 1
         if depth == 0:
-            contents.append(text[match.end() : position - 1])
-    return contents
+            found.append((match.start(), match.end(), position))
+    return found
+
+
+def find_boxed_contents(text: str) -> list[str]:
+    """The contents of every `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced; unclosed ones are dropped."""
+    return [text[contents:end - 1] for _, contents, end in _boxes(text)]
+
+
+def open_boxes(text: str) -> str:
+    """`text` with every closed `\\boxed{X}` replaced by X (outermost boxes; nested ones stay inside X)."""
+    pieces: list[str] = []
+    done = 0
+    for start, contents, end in _boxes(text):
+        if start < done:
+            continue  # a box inside a box already opened
+        pieces += [text[done:start], text[contents : end - 1]]
+        done = end
+    return "".join(pieces) + text[done:]
+
+
+def answer_tag_content(response: str) -> str | None:
+    """The content of the response's one closed `<answer>...</answer>`; None without one, or with several."""
+    tagged = _ANSWER_TAG.findall(response)
+    return tagged[0] if len(tagged) == 1 else None
 
 
 def extract_final_answer(response: str) -> str | None:

@@ -14,32 +14,55 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 
 from lmmrl_megatron.reward.config import FormatKind
 from lmmrl_megatron.reward.extract import (
+    answer_tag_content,
     extract_final_answer,
     find_boxed_contents,
     is_boxed_format,
     is_think_answer_format,
+    open_boxes,
 )
+from lmmrl_megatron.reward.precheck import expression_problem
+from lmmrl_megatron.reward.timelimits import cpu_time_limit
 
 RewardFn = Callable[[str, str, str], float]
 
-# math-verify's own timeouts use SIGALRM, which cannot interrupt a big-integer power running in C; the verifier
-# pool kills the whole process instead, so they are switched off and their "timeout disabled" warning muted.
+# math-verify's own timeouts (signal.alarm, whole seconds of real time) would cancel the worker's timers; they are
+# switched off, their "timeout disabled" warning muted, and `cpu_time_limit` bounds each parse and verify instead.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 _MATH_EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
 # A multiple-choice label: "A", "(B)", "C." or "D:".
 _CHOICE_LABEL = re.compile(r"\(?([A-Z])\)?[.:]?")
-_CHOICE_PREFIX = re.compile(r"^(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is)?\s*:?\s*", re.IGNORECASE)
-_CHOICE_ALONE = re.compile(r"\(?([A-Za-z])\)?\.?")
-_CHOICE_LEADING = re.compile(r"\(?([A-Z])\)?(?:$|[\s.:,)])")
+# Words that may introduce the letter: "The answer is", "Answer:", "the correct option is", "Option", "I choose".
+_CHOICE_PREFIX = re.compile(
+    r"^(?:(?:so|thus|therefore|hence)\s*,?\s+)?(?:(?:the|my)\s+)?(?:final\s+|correct\s+|right\s+|best\s+)?"
+    r"(?:answer|option|choice)(?:\s+is)?\s*[:：]?\s*"
+    r"|^i\s+(?:would\s+)?(?:choose|pick|select|go\s+with)\s+",
+    re.IGNORECASE,
+)
+# The letter alone: "B", "(B)", "[b]"; a lower-case letter only here ("a cat" is not A).
+_CHOICE_ALONE = re.compile(r"[(\[]?\s*([A-Za-z])\s*[)\]]?")
+# The letter, then the option's text: "(B) blue", "[b] blue", "B. 12 apples", "B) x = 3", "B: red", "B is right".
+_CHOICE_LEADING = re.compile(r"(?:[(\[]\s*([A-Za-z])\s*[)\]]|([A-Z])(?:[.):]|(?=\s)))(.*)", re.DOTALL)
+# Any other mention of a letter in what follows: "(C)", "[c]", a capital standing alone (not the article "A" or
+# the pronoun "I" before a word), or a lower-case letter after "or", "and", "/", ",", "&", "|", "+", ";".
+_CHOICE_MENTION = re.compile(
+    r"(?<![A-Za-z0-9])[(\[]\s*(?P<bracketed>[A-Za-z])\s*[)\]]"
+    r"|(?<![A-Za-z0-9\\])(?!(?:A|I)\s+[a-z])(?P<capital>[A-Z])(?![A-Za-z0-9'])"
+    r"|(?:\b(?:or|and|nor)\b|[/,;&|+])\s*(?P<joined>[a-z])(?![A-Za-z0-9'])"
+)
 # A word answer ("red", "two circles"): letters and spaces only, so it must be compared as text, not as a product
 # of symbols (math-verify would read "red" as r*e*d).
 _WORD_LABEL = re.compile(r"[A-Za-z][A-Za-z' -]*[A-Za-z]")
-_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox)\s*\{([^{}]*)\}")
 
 
 class LabelParseError(ValueError):
     """The reference answer could not be read as math: a data problem, counted as an error."""
+
+
+class AnswerRejected(ValueError):
+    """The pre-check refused to hand the answer to math-verify (see `precheck.py`): reward 0, counted as rejected."""
 
 
 def format_reward(response: str, kind: FormatKind) -> float:
@@ -51,21 +74,31 @@ def format_reward(response: str, kind: FormatKind) -> float:
     raise ValueError(f"unknown format kind {kind!r}; expected 'think_answer' or 'boxed'")
 
 
-def accuracy_reward(response: str, label: str) -> float:
+def accuracy_reward(response: str, label: str, math_timeout_s: float | None = None) -> float:
     """1.0 when the response's final answer (see `extract_final_answer`) equals the label, else 0.0.
 
     Multiple-choice letters and word answers are compared as text; everything else (numbers, LaTeX, fractions,
-    intervals, sets, percentages, equations) with math-verify. Raises LabelParseError for an unreadable label.
+    intervals, sets, percentages, equations) with math-verify, each parse and the comparison limited to
+    `math_timeout_s` seconds of CPU time (None: unlimited; the limit works on the main thread only).
+
+    Raises LabelParseError for an unreadable label, AnswerRejected for an answer too absurd to evaluate, and
+    `timelimits.TimeLimitExceeded` when math-verify runs out of time.
     """
     if not isinstance(label, str) or not label.strip():
         raise LabelParseError(f"the label is empty or not a string: {label!r}")
     answer = extract_final_answer(response)
     if answer is None:
         return 0.0
-    return float(answers_match(answer, label))
+    choice = _CHOICE_LABEL.fullmatch(_strip_math_wrapping(label))
+    if choice is not None:
+        # A letter is judged on the whole answer tag with its boxes opened, not only on a box inside it, so that
+        # "\boxed{A} or B" names two letters as plainly as "A or B" does.
+        tagged = answer_tag_content(response)
+        return float(choice_letter(open_boxes(tagged) if tagged is not None else answer) == choice.group(1))
+    return float(answers_match(answer, label, math_timeout_s))
 
 
-def answers_match(answer: str, label: str) -> bool:
+def answers_match(answer: str, label: str, math_timeout_s: float | None = None) -> bool:
     """Whether an extracted answer and a reference label mean the same thing."""
     gold = _strip_math_wrapping(label)
     predicted = _strip_math_wrapping(answer)
@@ -73,20 +106,52 @@ def answers_match(answer: str, label: str) -> bool:
         return True
     choice = _CHOICE_LABEL.fullmatch(gold)
     if choice is not None:
-        return _choice_letter(predicted) == choice.group(1)
+        return choice_letter(predicted) == choice.group(1)
     if _WORD_LABEL.fullmatch(_unwrap_text(gold)):
         return _normalize_words(_unwrap_text(gold)) == _normalize_words(_unwrap_text(predicted))
-    return _math_equal(predicted, gold)
+    return _math_equal(predicted, gold, math_timeout_s)
 
 
-def _math_equal(predicted: str, gold: str) -> bool:
-    gold_parsed = parse(f"${gold}$", _MATH_EXTRACTION, parsing_timeout=None, raise_on_error=True)
+def choice_letter(answer: str) -> str | None:
+    """The one option letter an answer names, upper-cased; None when it names none, or more than one.
+
+    "B", "(b)", "Answer: B", "The answer is (B).", "B. 12 apples", "\\text{(B)}" name B. "A or B", "A/B", "AB",
+    "(A) (B)", "either A or B", "A, B", "Option A or option B" name several; "a cat" names none.
+    """
+    text = re.sub(r"[*`$]", "", _unwrap_text(answer)).strip()
+    for _ in range(2):  # "Answer: option B"
+        text = _CHOICE_PREFIX.sub("", text, count=1).strip()
+    text = text.rstrip(" .!;")
+    alone = _CHOICE_ALONE.fullmatch(text)
+    if alone is not None:
+        return alone.group(1).upper()
+    leading = _CHOICE_LEADING.match(text)
+    if leading is None:
+        return None
+    letter = (leading.group(1) or leading.group(2)).upper()
+    for mention in _CHOICE_MENTION.finditer(leading.group(3)):
+        if next(group for group in mention.groups() if group is not None).upper() != letter:
+            return None
+    return letter
+
+
+def _math_equal(predicted: str, gold: str, math_timeout_s: float | None) -> bool:
+    problem = expression_problem(gold)
+    if problem is not None:
+        raise LabelParseError(f"the label is not checked: {problem}")
+    with cpu_time_limit(math_timeout_s, "parsing the label"):
+        gold_parsed = parse(f"${gold}$", _MATH_EXTRACTION, parsing_timeout=None, raise_on_error=True)
     if not gold_parsed:
         raise LabelParseError(f"math-verify could not parse the label {gold!r}")
-    predicted_parsed = parse(f"${predicted}$", _MATH_EXTRACTION, parsing_timeout=None, raise_on_error=True)
+    problem = expression_problem(predicted)
+    if problem is not None:
+        raise AnswerRejected(f"the answer is not checked: {problem}")
+    with cpu_time_limit(math_timeout_s, "parsing the answer"):
+        predicted_parsed = parse(f"${predicted}$", _MATH_EXTRACTION, parsing_timeout=None, raise_on_error=True)
     if not predicted_parsed:
         return False
-    return verify(gold_parsed, predicted_parsed, timeout_seconds=None, raise_on_error=True)
+    with cpu_time_limit(math_timeout_s, "comparing the answer with the label"):
+        return verify(gold_parsed, predicted_parsed, timeout_seconds=None, raise_on_error=True)
 
 
 def _strip_math_wrapping(text: str) -> str:
@@ -114,21 +179,12 @@ def _normalize_words(text: str) -> str:
     return " ".join(text.casefold().replace("-", " ").strip(" .!'\"").split())
 
 
-def _choice_letter(answer: str) -> str | None:
-    # "B", "(b)", "Answer: B", "B. 5 cm", "(C) blue"; a lower-case letter only when it stands alone ("a cat" is not A).
-    text = _CHOICE_PREFIX.sub("", _unwrap_text(answer))
-    alone = _CHOICE_ALONE.fullmatch(text)
-    if alone is not None:
-        return alone.group(1).upper()
-    leading = _CHOICE_LEADING.match(text)
-    return leading.group(1) if leading is not None else None
-
-
-def builtin_reward_functions(format_kind: FormatKind) -> dict[str, RewardFn]:
-    """The built-in reward functions under their config names, bound to the configured format kind."""
+def builtin_reward_functions(format_kind: FormatKind, math_timeout_s: float | None = None) -> dict[str, RewardFn]:
+    """The built-in reward functions under their config names, bound to the configured format kind and the
+    CPU-time limit of each math-verify step."""
 
     def accuracy(response: str, label: str, prompt: str) -> float:
-        return accuracy_reward(response, label)
+        return accuracy_reward(response, label, math_timeout_s)
 
     def format_(response: str, label: str, prompt: str) -> float:
         return format_reward(response, format_kind)

@@ -47,17 +47,20 @@ def load_label_index(
     source: str, input_key: str, label_key: str, bad_input: Literal["error", "skip"] = "error"
 ) -> LabelIndex:
     """Index every record's answer by its prompt, for any source the data reader knows (.jsonl, .json, .parquet,
-    `json@DIR`, a `datasets` folder). Bad records raise a ValueError naming file and line, or under `skip` are
-    left out and counted."""
+    `json@DIR`, a `datasets` folder), or several separated by commas (as LMM-R1's `--dataset`). Bad records raise
+    a ValueError naming file and line, or under `skip` are left out and counted."""
     # Imported here: the data package pulls in torch, which the reward package itself does not need.
     from lmmrl_megatron.data import BadInputHandler, iter_records
 
     handler = BadInputHandler(bad_input)
     index = LabelIndex()
-    for record in iter_records(source, input_key, label_key, handler=handler):
-        answer = record.answer.strip()
-        if index.answers.setdefault(prompt_key(record.raw_message), answer) != answer:
-            index.num_conflicts += 1
+    for part in (part.strip() for part in source.split(",")):
+        if not part:
+            raise ValueError(f"dataset list {source!r} has an empty entry between commas")
+        for record in iter_records(part, input_key, label_key, handler=handler):
+            answer = record.answer.strip()
+            if index.answers.setdefault(prompt_key(record.raw_message), answer) != answer:
+                index.num_conflicts += 1
     index.skipped = handler.counts.summary()
     if index.num_conflicts:
         logger.warning("%s: %d prompts appear with different answers; the first is used", source, index.num_conflicts)

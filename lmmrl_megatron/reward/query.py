@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-PromptTemplate = Literal["chatml", "qwen1", "base", "phi3", "gemma3"]
+PromptTemplate = Literal["chatml", "qwen1", "base", "phi3", "phi4", "gemma3"]
 
-# The text that opens the assistant's turn in each chat template LMM-R1's math verifier knows.
+# The text that opens the assistant's turn in each chat template LMM-R1's math verifier knows. phi4 is
+# Phi-4-multimodal's `<|assistant|>` (no newline follows it there); LMM-R1 gives phi3 and phi4 the same pattern.
 ASSISTANT_PREFIXES: dict[str, str] = {
     "chatml": "<|im_start|>assistant\n",
     "qwen1": "<｜Assistant｜>",
     "base": "Assistant: ",
     "phi3": "<|assistant|>\n",
+    "phi4": "<|assistant|>",
     "gemma3": "<start_of_turn>model\n",
 }
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from lmmrl_megatron.reward.protocol import TaskOutcome
+from lmmrl_megatron.reward.protocol import Outcome
 
 _MAX_KEPT_MESSAGES = 5
 
 
 @dataclass
 class RewardCounters:
-    """Counts over one batch of reward-function calls (one call = one function on one sample).
+    """Counts over one batch of reward-function calls (one call = one function on one sample, or one call of a
+    batch function on part of the batch).
 
     Every call that did not end in `ok` scored 0 and is counted here, with the first few messages kept for logs.
+    `num_rejected` counts answers the pre-check refused to evaluate (power towers, huge factorials, over-long):
+    the model's doing, not a failure of the scorer, so they are not in `num_failures`.
     """
 
     num_samples: int = 0
@@ -22,13 +25,14 @@ class RewardCounters:
     num_errors: int = 0
     num_bad_returns: int = 0
     num_crashes: int = 0
+    num_rejected: int = 0
     messages: list[str] = field(default_factory=list)
 
     @property
     def num_failures(self) -> int:
         return self.num_timeouts + self.num_errors + self.num_bad_returns + self.num_crashes
 
-    def record(self, outcome: TaskOutcome, function_name: str) -> None:
+    def record(self, outcome: Outcome, function_name: str) -> None:
         self.num_calls += 1
         if outcome.status == "ok":
             return
@@ -40,6 +44,8 @@ class RewardCounters:
             self.num_bad_returns += 1
         elif outcome.status == "crashed":
             self.num_crashes += 1
+        elif outcome.status == "rejected":
+            self.num_rejected += 1
         else:
             raise AssertionError(f"unknown outcome status {outcome.status!r}")
         if len(self.messages) < _MAX_KEPT_MESSAGES:
@@ -54,6 +60,14 @@ class RewardCounters:
 
     def to_json(self) -> dict[str, int | list[str]]:
         return asdict(self)
+
+    def to_metrics(self) -> dict[str, float]:
+        """The counts as training metrics: `reward/num_failures`, `reward/num_timeouts`, ... (no messages)."""
+        metrics = {"reward/num_failures": float(self.num_failures)}
+        for counter in fields(self):
+            if counter.name not in ("messages", "num_samples", "num_calls"):
+                metrics[f"reward/{counter.name}"] = float(getattr(self, counter.name))
+        return metrics
 
     @classmethod
     def from_json(cls, payload: object) -> RewardCounters:
@@ -91,3 +105,16 @@ class RewardBatchResult:
     def __post_init__(self) -> None:
         for name, values in self.components.items():
             assert len(values) == len(self.rewards), f"component {name!r} has {len(values)} values"
+
+    @classmethod
+    def concatenate(cls, parts: list[RewardBatchResult]) -> RewardBatchResult:
+        """The results of consecutive parts of one batch as one (components that every part reports)."""
+        names = [name for name in parts[0].components if all(name in part.components for part in parts)]
+        counters = RewardCounters()
+        for part in parts:
+            counters.add(part.counters)
+        return cls(
+            rewards=[reward for part in parts for reward in part.rewards],
+            components={name: [value for part in parts for value in part.components[name]] for name in names},
+            counters=counters,
+        )

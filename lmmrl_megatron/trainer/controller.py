@@ -78,8 +78,10 @@ class RLTrainer:
 
     def _make_reward(self):
         from lmmrl_megatron.reward.client import RemoteRewardClient
-        from lmmrl_megatron.reward.scorer import RewardScorer
+        from lmmrl_megatron.reward.scorer import BatchFunctionScorer, RewardScorer
 
+        if self.config.reward.remote_function:
+            return BatchFunctionScorer(self.config.reward)  # OpenRLHF's reward_func.py, same call as a server
         if self.config.reward.remote_rm_url:
             return RemoteRewardClient.from_config(self.config.reward)
         return RewardScorer(self.config.reward)
@@ -199,7 +201,7 @@ class RLTrainer:
         else:
             prompts = [encoded[i // n].prompt_text for i in range(len(samples))]
             result = self.reward.score(responses, labels, prompts)
-        self._reward_failures = result.counters.num_failures
+        self._reward_counters = result.counters
         return torch.tensor(result.rewards, dtype=torch.float32)
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -209,7 +211,7 @@ class RLTrainer:
             while self.step < cfg.trainer.max_steps:
                 metrics = self.rl_step()
                 self.step += 1
-                metrics["reward/num_failures"] = float(self._reward_failures)
+                metrics.update(self._reward_counters.to_metrics())  # reward/num_failures, num_timeouts, ...
                 metrics.update({k: float(v) for k, v in self.prompts.skipped.to_metrics().items()})
                 self.metrics.log(self.step, metrics)
                 save_steps = cfg.checkpoint.save_steps

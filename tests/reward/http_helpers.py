@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from lmmrl_megatron.reward.labels import LabelIndex
 from lmmrl_megatron.reward.scorer import RewardScorer
-from lmmrl_megatron.reward.server import RewardHTTPServer, RewardService
+from lmmrl_megatron.reward.server import RewardService
+from lmmrl_megatron.reward.server import serving as serving_rewards
 
 
 @contextmanager
@@ -30,9 +31,10 @@ def serving(server: ThreadingHTTPServer) -> Iterator[str]:
 
 
 @contextmanager
-def reward_server(scorer: RewardScorer, label_index: LabelIndex | None = None) -> Iterator[str]:
-    with serving(RewardHTTPServer(("127.0.0.1", 0), RewardService(scorer, "chatml", label_index))) as url:
-        yield url
+def reward_server(scorer: RewardScorer, label_index: LabelIndex | None = None, **options: float) -> Iterator[str]:
+    """Our reward server (uvicorn) on a free loopback port, in a background thread; yields its base URL."""
+    with serving_rewards(RewardService(scorer, "chatml", label_index), **options) as server:
+        yield server.url
 
 
 def post_json(url: str, payload: object | bytes, timeout_s: float = 30.0) -> tuple[int, dict]:

@@ -156,3 +156,46 @@ def test_client_validates_its_inputs() -> None:
 def test_backoff_doubles_up_to_its_cap() -> None:
     policy = RetryPolicy(backoff_s=0.5, backoff_max_s=3.0)
     assert [policy.delay_before_retry(n) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def echo_rewards(number: int, payload: dict) -> tuple[int, object]:
+    """Reward = the query read as a number, so the order of the merged rewards shows."""
+    return 200, {"rewards": [float(query) for query in payload["query"]], "counters": {"num_timeouts": 1}}
+
+
+def test_a_batch_is_split_across_comma_separated_servers() -> None:
+    first, second = ScriptedServer(echo_rewards), ScriptedServer(echo_rewards)
+    seen: list[list[str]] = []
+    first.script = second.script = lambda number, payload: (seen.append(payload["query"]), echo_rewards(number, payload))[1]
+    with serving(first) as url_a, serving(second) as url_b:
+        client = RemoteRewardClient(f"{url_a}/get_reward, {url_b}", FAST_RETRIES)
+        result = client.score([str(n) for n in range(5)], ["p"] * 5, ["l"] * 5)
+        client.close()
+    assert (first.num_posts, second.num_posts) == (1, 1)
+    assert sorted(seen) == [["0", "1", "2"], ["3", "4"]]
+    assert result.rewards == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert result.counters.num_samples == 5 and result.counters.num_timeouts == 2
+
+
+def test_a_failing_server_passes_its_part_to_the_next() -> None:
+    with socket.socket() as probe:  # nobody listens here
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    failing = ScriptedServer(failing_first(100, status=503))
+    working = ScriptedServer(echo_rewards)
+    with serving(failing) as url_failing, serving(working) as url_working:
+        client = RemoteRewardClient(f"{dead},{url_failing},{url_working}", FAST_RETRIES)
+        result = client.score([str(n) for n in range(6)], ["p"] * 6, None)
+        client.close()
+    assert result.rewards == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert working.num_posts == 3  # its own part, then the parts the other two could not score
+    assert client.num_retries == 3
+
+
+def test_from_config_takes_a_comma_separated_list() -> None:
+    config = RewardConfig(remote_rm_url="http://127.0.0.1:1, http://127.0.0.1:2/get_reward")
+    client = RemoteRewardClient.from_config(config)
+    assert client.urls == ["http://127.0.0.1:1/get_reward", "http://127.0.0.1:2/get_reward"]
+    client.close()
+    with pytest.raises(ValueError, match="names a reward_func file"):
+        RemoteRewardClient.from_config(RewardConfig(remote_rm_url="my/reward_func.py"))

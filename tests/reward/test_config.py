@@ -31,6 +31,11 @@ def test_mappings_become_function_configs() -> None:
         ({"functions": []}, "at least one reward function"),
         ({"format_kind": "xml"}, "reward.format_kind"),
         ({"remote_rm_url": "localhost:5000"}, "reward.remote_rm_url"),
+        ({"remote_rm_url": "http://a:1,,http://b:2"}, "empty entry between commas"),
+        ({"remote_rm_url": "http://a:1,ftp://b:2"}, "entry 'ftp://b:2' must start with http"),
+        ({"remote_rm_url": "http://a:1,reward_func.py"}, "must be the only entry"),
+        ({"remote_rm_url": " "}, "non-empty string"),
+        ({"math_timeout_s": 0}, "reward.math_timeout_s"),
         ({"timeout_s": 0}, "reward.timeout_s"),
         ({"num_workers": 0}, "reward.num_workers"),
         ({"client_timeout_s": -1.0}, "reward.client_timeout_s"),
@@ -60,3 +65,17 @@ def test_the_section_loads_through_the_project_config_loader() -> None:
     assert config.format_kind == "boxed" and config.timeout_s == 5
     with pytest.raises(ValueError, match="'acc' is neither a built-in"):
         from_dict(RewardConfig, {"functions": [{"name": "acc"}]})
+
+
+@pytest.mark.parametrize(
+    ("url", "servers", "function"),
+    [
+        ("http://127.0.0.1:5000/get_reward", ["http://127.0.0.1:5000/get_reward"], None),
+        ("http://a:1/get_reward, http://b:2", ["http://a:1/get_reward", "http://b:2"], None),
+        ("/openrlhf/examples/scripts/reward_func.py", [], "/openrlhf/examples/scripts/reward_func.py"),
+        ("rewards/mine.py:score", [], "rewards/mine.py:score"),
+    ],
+)
+def test_remote_rm_url_takes_what_openrlhf_takes(url: str, servers: list[str], function: str | None) -> None:
+    config = RewardConfig(functions=[], remote_rm_url=url)
+    assert config.remote_urls == servers and config.remote_function == function

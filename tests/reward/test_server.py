@@ -5,8 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +47,7 @@ def scorer() -> Iterator[RewardScorer]:
 def server_url(scorer: RewardScorer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data = tmp_path_factory.mktemp("data") / "train.jsonl"
     write_dataset(data)
-    with reward_server(scorer, load_label_index(str(data), "message", "answer")) as url:
+    with reward_server(scorer, load_label_index(str(data), "message", "answer"), body_timeout_s=1.0) as url:
         yield url
 
 
@@ -136,6 +139,17 @@ MALFORMED = [
     ({"query": ["a"], "labels": [{"answer": 1}]}, "labels[0]", "must be a string or a number"),
     ({"query": ["a"], "labels": [True]}, "labels[0]", "must be a string or a number"),
     ({"query": ["a"]}, "prompts[0]", "prompts are needed"),
+    ({"query": {"0": "a"}}, "query", "must be a list of strings"),
+    ({"query": None}, "query", "must be a list of strings"),
+    ({"query": ["a"], "labels": {"0": "1"}}, "labels", "must be a list"),
+    ({"query": ["a"], "labels": [["1"]]}, "labels[0]", "must be a string or a number"),
+    ({"query": ["a"], "labels": [None], "prompts": [None]}, "prompts[0]", "prompts are needed"),
+    # nested too deeply to decode: named by the top-level key it is under (a 500 RecursionError before)
+    (b'{"query": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "query", "nested too deeply"),
+    (b'{"query": ["a"], "labels": ' + b'{"x":' * 50_000 + b"1" + b"}" * 50_000 + b"}", "labels", "nested too deeply"),
+    (b"[" * 1_000_000, None, "nested too deeply"),
+    # nested, but shallow enough to decode: the type checks name the key
+    ({"query": ["a"], "labels": [[[[[[[[[["1"]]]]]]]]]]}, "labels[0]", "must be a string or a number"),
 ]
 
 
@@ -170,6 +184,80 @@ def test_a_body_without_content_length_is_refused(server_url: str) -> None:
     response = connection.getresponse()
     assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
     connection.close()
+
+
+def raw_request(url: str, head: bytes, body: bytes = b"") -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=30)
+    connection.sendall(head + b"\r\n\r\n" + body)
+    return connection
+
+
+def read_reply(connection: socket.socket) -> tuple[int, dict, bytes]:
+    """Status, JSON body and the headers of the reply on a raw socket, read until the server closes it."""
+    data = b""
+    while chunk := connection.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body), head
+
+
+def test_a_body_shorter_than_its_content_length_times_out_without_holding_up_others(server_url: str) -> None:
+    stalled = raw_request(
+        server_url, b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000",
+        b'{"query": ["never fini',
+    )
+    started = time.monotonic()
+    # While that body is pending, other requests are served as usual.
+    payload = {"query": [chatml_query("q", "<think>.</think><answer>1</answer>")], "labels": ["1"]}
+    status, reply = post_json(server_url + "/get_reward", payload)
+    assert status == 200 and reply["rewards"] == [1.5]
+    status, reply, head = read_reply(stalled)  # the server answers and closes the connection
+    assert status == 408 and reply["key"] is None
+    assert "did not arrive within 1.0 s (22 of 1000 bytes)" in reply["error"]
+    assert b"connection: close" in head.lower()
+    assert time.monotonic() - started < 30
+    stalled.close()
+
+
+def test_bad_content_lengths_are_refused(server_url: str) -> None:
+    for content_length in (b"ten", b"-5"):  # the HTTP layer (h11) refuses these before the application sees them
+        connection = raw_request(server_url, b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Length: " + content_length)
+        data = b""
+        while chunk := connection.recv(65536):
+            data += chunk
+        connection.close()
+        assert data.startswith(b"HTTP/1.1 400 ") and b"Invalid HTTP request" in data
+    connection = raw_request(server_url, b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999")
+    status, reply, _ = read_reply(connection)
+    connection.close()
+    assert status == 413 and reply == {"error": "body over 536870912 bytes", "key": None}
+
+
+def test_two_hundred_concurrent_clients_are_all_answered(server_url: str) -> None:
+    # http.server's listen backlog of 5 dropped some of 200 concurrent connections; uvicorn's is 2048.
+    barrier = threading.Barrier(200)
+
+    def request(number: int) -> list[float]:
+        payload = {"query": [chatml_query("q", f"<think>.</think><answer>{number}</answer>")], "labels": [str(number)]}
+        barrier.wait(timeout=60)
+        status, reply = post_json(server_url + "/get_reward", payload, timeout_s=300)
+        assert status == 200, reply
+        return reply["rewards"]
+
+    with ThreadPoolExecutor(max_workers=200) as clients:
+        results = list(clients.map(request, range(200)))
+    assert results == [[1.5]] * 200
+
+
+def test_health_counts_requests_and_their_failures(server_url: str) -> None:
+    before = get_json(server_url + "/health")[1]
+    queries = [chatml_query("q", "<think>.</think><answer>9^{9^{9^{9}}}</answer>")]
+    assert post_json(server_url + "/get_reward", {"query": queries, "labels": ["3"]})[0] == 200
+    after = get_json(server_url + "/health")[1]
+    assert after["num_requests"] == before["num_requests"] + 1
+    assert after["totals"]["num_rejected"] == before["totals"]["num_rejected"] + 1
+    assert after["math_timeout_s"] == 3.0 and "messages" not in after["totals"]
 
 
 def test_a_hanging_reward_function_times_out_inside_the_request() -> None:
@@ -242,3 +330,75 @@ def test_command_line_errors_exit_with_a_message(tmp_path: Path) -> None:
     finished = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
     assert finished.returncode == 2
     assert "missing.jsonl': no such file" in finished.stderr
+
+
+# LMM-R1's launch line for its math verifier (examples/scripts/lmm_r1/*.sh), with our module in place of
+# `openrlhf.models.remote_rm.math_verifier`.
+LMMR1_LAUNCH = ["--dataset", "{data}", "--input_key", "message", "--prompt-template", "chatml"]
+LMMR1_TEMPLATES = ["chatml", "qwen1", "base", "phi3", "phi4", "gemma3"]
+
+
+def lmmr1_records() -> list[dict]:
+    """Records as LMM-R1's example data has them: the messages as a JSON string, a boxed LaTeX answer."""
+    system = {"role": "system", "content": "Put the final answer in \\boxed{} inside <answer> </answer>."}
+    questions = [("Which number replaces the question mark?", "$\\boxed{60}$"),
+                 ("Which bike is most expensive?\n\nA. A\nB. B\nC. C", "$\\boxed{A}$")]
+    return [
+        {"question": question, "answer": answer,
+         "message": json.dumps([system, {"role": "user", "content": [
+             {"type": "text", "text": question}, {"type": "image", "image": "images/1.jpg"}]}])}
+        for question, answer in questions
+    ]
+
+
+def test_lmmr1_launch_line_flags_are_accepted_unchanged(tmp_path: Path) -> None:
+    from lmmrl_megatron.reward.server import build_arg_parser
+
+    line = [part.format(data=tmp_path / "a.jsonl") for part in LMMR1_LAUNCH]
+    args = build_arg_parser().parse_args(line)
+    assert (args.data, args.input_key, args.prompt_template) == (str(tmp_path / "a.jsonl"), "message", "chatml")
+    for template in LMMR1_TEMPLATES:
+        assert build_arg_parser().parse_args(["--prompt-template", template]).prompt_template == template
+    args = build_arg_parser().parse_args(["--log_file", "rm.log", "--disable-format-reward", "--dataset", "a,b"])
+    assert (args.log_file, args.disable_format_reward, args.data) == ("rm.log", True, "a,b")
+
+
+def test_lmmr1_launch_line_serves_lmmr1_client_code(tmp_path: Path) -> None:
+    import requests
+
+    records = lmmr1_records()
+    (tmp_path / "first.jsonl").write_text(json.dumps(records[0]) + "\n")
+    (tmp_path / "second.json").write_text(json.dumps(records[1:]))  # LMM-R1's --dataset takes .json lists too
+    data = f"{tmp_path / 'first.jsonl'},{tmp_path / 'second.json'}"
+    log_file = tmp_path / "remote_rm.log"
+    log_file.write_text("an old run's log\n")
+    # LMM-R1's line unchanged, plus a free port (LMM-R1 always takes 5000, which another run here may hold).
+    command = [sys.executable, "-m", "lmmrl_megatron.reward.server",
+               *[part.format(data=data) for part in LMMR1_LAUNCH], "--log_file", str(log_file), "--port", "0"]
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("reward server listening on http://127.0.0.1:"), process.stderr.read()
+        url = line.split()[-1] + "/get_reward"
+        responses = ["<think>count</think><answer> The answer is $\\boxed{60}$ </answer>",
+                     "<think>compare</think><answer> The answer is $\\boxed{A}$ </answer>",
+                     "<think>compare</think><answer> The answer is $\\boxed{A}$ or $\\boxed{B}$ </answer>"]
+        prompts = [records[0]["message"], records[1]["message"], records[1]["message"]]
+        queries = [chatml_query("q", response) for response in responses]
+        labels = [records[0]["answer"], records[1]["answer"], records[1]["answer"]]
+        # What LMM-R1's trainer does (openrlhf/utils/remote_rm_utils.py): POST json, read "rewards".
+        reply = requests.post(url=url, json={"query": queries, "prompts": prompts, "labels": labels},
+                              headers={"Content-Type": "application/json"}, timeout=180)
+        reply.raise_for_status()
+        assert reply.json()["rewards"] == [1.5, 1.5, 0.5]
+        assert reply.json()["format_rewards"] == [0.5, 0.5, 0.5] and reply.json()["acc_rewards"] == [1.0, 1.0, 0.0]
+        # Without labels, the answers come from the --dataset files.
+        reply = requests.post(url=url, json={"query": queries, "prompts": prompts}, timeout=180)
+        assert reply.status_code == 200 and reply.json()["rewards"] == [1.5, 1.5, 0.5]
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+    log = log_file.read_text()
+    assert "an old run's log" not in log  # emptied at start, as LMM-R1 removes its log file
+    assert "prompts with answers" in log and "format reward is enabled" in log

@@ -20,6 +20,15 @@ def sleeps_forever(response: str, label: str, prompt: str) -> float:
         time.sleep(60)
 
 
+def swallows_interrupts(response: str, label: str, prompt: str) -> float:
+    """Never gives up, even when its time limit interrupts it: what code stuck in C looks like to the pool."""
+    while True:
+        try:
+            time.sleep(60)
+        except BaseException:
+            pass
+
+
 def sleeps_on_hang(response: str, label: str, prompt: str) -> float:
     """Hangs only on responses containing 'hang', to check that one stuck sample costs only itself."""
     while "hang" in response:

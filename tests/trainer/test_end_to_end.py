@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 REQUIRED_KEYS = (
     "reward/mean", "reward/std", "response_length/mean", "kl", "entropy", "policy/clip_frac", "grad_norm",
     "time/generate", "time/reward", "time/logprob", "time/train", "time/sync",
+    "reward/num_failures", "reward/num_timeouts", "reward/num_rejected",
 )
 
 
@@ -152,3 +153,20 @@ def test_the_embedded_default_learns(assets, tmp_path: Path) -> None:
     rewards = [r["reward/mean"] for r in run(config)]
     first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
     assert last > first + 0.1, rewards
+
+
+def test_remote_rewards_from_a_comma_separated_list_of_servers(assets, tmp_path: Path) -> None:
+    """`reward.remote_rm_url` as OpenRLHF takes it: two servers, each batch split between them."""
+    from lmmrl_megatron.reward.config import RewardConfig
+    from lmmrl_megatron.reward.scorer import RewardScorer
+    from lmmrl_megatron.reward.server import RewardService, serving
+
+    functions = [{"name": str(REPO / "configs" / "rewards" / "short_answer.py") + ":commits_to_label", "weight": 1.0}]
+    with RewardScorer(RewardConfig(functions=functions, num_workers=1)) as scorer, \
+            serving(RewardService(scorer, "chatml", None)) as first, \
+            serving(RewardService(scorer, "chatml", None)) as second:
+        records = run(make_config(assets, tmp_path / "remote", f"reward.remote_rm_url={first.url},{second.url}"))
+        requests = (first.service.num_requests, second.service.num_requests)
+    check_run(records, 2)
+    assert requests == (2, 2)  # one part of each step's batch went to each server
+    assert all(r["reward/num_failures"] == 0.0 for r in records)
