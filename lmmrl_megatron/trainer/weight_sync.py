@@ -75,7 +75,10 @@ def sync_object_store(chunks, shards_to_hf: ShardsToHF, engines: list[Any], buck
 
 
 def sync_cuda_ipc(chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int) -> dict[str, float]:
-    """Collective over every trainer rank; global rank 0 drives the engines."""
+    """Collective over every trainer rank; global rank 0 drives the engines.
+
+    Two buckets are alive at a time: the engines read bucket i while the ranks fill bucket i + 1, and a rank lets
+    bucket i go only after every engine has loaded it (a barrier after rank 0 has seen them finish)."""
     import ray
     from torch.multiprocessing.reductions import reduce_tensor
 
@@ -84,26 +87,40 @@ def sync_cuda_ipc(chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_b
     plan = plan_export(chunks, shards_to_hf, bucket_bytes)
     if is_driver:
         ray.get([engine.begin_weight_update.remote(_manifest(plan)) for engine in engines])
-    num_tensors, num_bytes, wait_s = 0, 0, 0.0
-    for bucket in export_hf_weights(chunks, shards_to_hf, bucket_bytes, receivers="all_ranks", plan=plan):
+    num_tensors, num_bytes, export_s, wait_s = 0, 0, 0.0, 0.0
+    buckets = export_hf_weights(chunks, shards_to_hf, bucket_bytes, receivers="all_ranks", plan=plan)
+    in_flight: list[Any] = []  # the engines' loads of the previous bucket
+    previous = None  # that bucket's views: they keep its buffer alive until the loads are done
+    while True:
+        start = time.perf_counter()
+        bucket = next(buckets, None)
+        export_s += time.perf_counter() - start
+        if previous is not None:
+            start = time.perf_counter()
+            ray.get(in_flight)
+            wait_s += time.perf_counter() - start
+            torch.distributed.barrier()  # no rank frees its buffer before every engine has read it
+            previous, in_flight = None, []
+        if bucket is None:
+            break
         buffer, metadata = _bucket_metadata(bucket)
         torch.cuda.current_stream().synchronize()  # the bucket is complete before another process reads it
-        handle = reduce_tensor(buffer)[1]
         handles: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(handles, (uuid, handle))
+        torch.distributed.all_gather_object(handles, (uuid, reduce_tensor(buffer)[1]))
         if is_driver:
             by_gpu = dict(handles)
-            start = time.perf_counter()
-            ray.get([engine.update_weights_ipc.remote(by_gpu, metadata) for engine in engines])
-            wait_s += time.perf_counter() - start
+            in_flight = [engine.update_weights_ipc.remote(by_gpu, metadata) for engine in engines]
             num_tensors += len(bucket)
             num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        torch.distributed.barrier()  # no rank frees or refills its buffer before every engine has read it
+        previous = bucket
         del buffer
     if not is_driver:
         return {}
     ray.get([engine.finish_weight_update.remote() for engine in engines])
-    return {"sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes), "sync/engine_load_s": wait_s}
+    return {
+        "sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes),
+        "sync/export_s": export_s, "sync/engine_wait_s": wait_s,
+    }
 
 
 class BroadcastSender:
