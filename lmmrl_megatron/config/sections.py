@@ -64,8 +64,10 @@ class RolloutConfig:
     enable_sleep: bool = True
     sleep_level: Literal[1, 2] = 2
     # How weights reach the engines: cuda_ipc (colocated GPUs: engines open the trainer's bucket buffers in
-    # place), object_store (through Ray, via the host; CPU runs, or engines on GPUs of their own); auto picks.
-    weight_transport: Literal["auto", "cuda_ipc", "object_store"] = "auto"
+    # place), broadcast (engines on devices of their own: NCCL, or gloo on CPU, from the sending rank),
+    # object_store (through Ray, via the host); auto: cuda_ipc colocated on GPUs, broadcast separate on GPUs,
+    # object_store on CPU.
+    weight_transport: Literal["auto", "cuda_ipc", "broadcast", "object_store"] = "auto"
     weight_sync_bucket_mb: int = 512
 
     def __post_init__(self) -> None:

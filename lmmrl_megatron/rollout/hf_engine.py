@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
+from lmmrl_megatron.rollout.broadcast import GroupAddress, join_group, receive_bucket
 from lmmrl_megatron.rollout.ipc import BucketMetadata, device_uuid, open_ipc_bucket
 
 
@@ -145,6 +146,12 @@ class HFRolloutEngine:
         num_loaded = self.update_weights(open_ipc_bucket(handles, metadata, self.device))
         torch.cuda.current_stream().synchronize()
         return num_loaded
+
+    def join_broadcast_group(self, address: GroupAddress, first_rank: int) -> None:
+        self._group = join_group(address, first_rank)
+
+    def update_weights_broadcast(self, metadata: BucketMetadata, num_bytes: int) -> int:
+        return self.update_weights(receive_bucket(self._group, metadata, num_bytes, self.device))
 
     def finish_weight_update(self) -> int:
         assert self._manifest is not None, "begin_weight_update must start a weight sync"

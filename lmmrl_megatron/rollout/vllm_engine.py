@@ -23,6 +23,7 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 
 from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
+from lmmrl_megatron.rollout.broadcast import GroupAddress
 from lmmrl_megatron.rollout.ipc import BucketMetadata
 
 WORKER_EXTENSION = "lmmrl_megatron.rollout.vllm_worker.WeightReceiver"
@@ -188,6 +189,14 @@ class VLLMRolloutEngine:
         """Load one bucket shared by CUDA IPC: `handles` maps a GPU's UUID to the handle of the bucket's byte
         buffer on that GPU; `metadata` gives (name, dtype, shape, byte offset) of each tensor in it."""
         return self.llm.collective_rpc("lmmrl_load_ipc_bucket", args=(handles, metadata))[0]
+
+    def join_broadcast_group(self, address: GroupAddress, first_rank: int) -> None:
+        """Every TP worker joins the trainer's broadcast group (engines on GPUs of their own)."""
+        self.llm.collective_rpc("lmmrl_join_group", args=(address, first_rank))
+
+    def update_weights_broadcast(self, metadata: BucketMetadata, num_bytes: int) -> int:
+        """Receive the bucket the trainer broadcasts next over that group, and load it."""
+        return self.llm.collective_rpc("lmmrl_receive_bucket", args=(metadata, num_bytes))[0]
 
     def finish_weight_update(self) -> int:
         """End a sync: every manifest name was received, prefix and multimodal caches are dropped."""

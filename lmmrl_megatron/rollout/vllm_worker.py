@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lmmrl_megatron.rollout.broadcast import GroupAddress, join_group, receive_bucket
 from lmmrl_megatron.rollout.ipc import BucketMetadata, device_uuid, open_ipc_bucket
 
 
@@ -58,6 +59,13 @@ class WeightReceiver:
         num_loaded = self._lmmrl_load(open_ipc_bucket(handles, metadata, self.device))
         torch.cuda.current_stream().synchronize()  # the sender frees or refills the buffer once this returns
         return num_loaded
+
+    def lmmrl_join_group(self, address: GroupAddress, engine_first_rank: int) -> None:
+        """Join the trainer's broadcast group (rollout/broadcast.py) as rank engine_first_rank + this TP rank."""
+        self._lmmrl_group = join_group(address, engine_first_rank + self.rank)
+
+    def lmmrl_receive_bucket(self, metadata: BucketMetadata, num_bytes: int) -> int:
+        return self._lmmrl_load(receive_bucket(self._lmmrl_group, metadata, num_bytes, self.device))
 
     def lmmrl_finish_update(self) -> int:
         missing = self._lmmrl_manifest - self._lmmrl_received

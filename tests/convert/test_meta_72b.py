@@ -36,7 +36,10 @@ def fake_world(tp: int, pp: int, tp_rank: int, pp_rank: int) -> Iterator[None]:
     rank = pp_rank * tp + tp_rank  # Megatron's default order: TP varies fastest, PP slowest (no DP here)
     torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp * pp)
     try:
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        # No gloo side groups: torch 2.11's fake backend cannot build them (and nothing here uses them).
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False
+        )
         assert (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()) == (tp_rank, pp_rank)
         yield
     finally:

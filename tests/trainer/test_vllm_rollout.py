@@ -39,11 +39,20 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("layout", [("2", "1"), ("1", "2")], ids=["tp2", "pp2"])
-def test_rloo_with_vllm_engines_after_tp_and_pp_syncs(assets, tmp_path: Path, layout: tuple[str, str]) -> None:
-    tp, pp = layout
+# TP=2 colocated (weights through the object store); PP=2 with the engine on a bundle of its own, weights
+# broadcast over a gloo group of the sending rank and the engine's worker.
+CASES = {
+    "tp2_colocated": ["parallel.tp=2", "parallel.pp=1"],
+    "pp2_separate_broadcast": [
+        "parallel.tp=1", "parallel.pp=2", "trainer.colocate_all_models=false", "rollout.weight_transport=broadcast"
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rloo_with_vllm_engines_after_tp_and_pp_syncs(assets, tmp_path: Path, case: str) -> None:
     config = make_config(
-        assets, tmp_path / f"tp{tp}pp{pp}", f"parallel.tp={tp}", f"parallel.pp={pp}", *VLLM_ON_CPU,
+        assets, tmp_path / case, *CASES[case], *VLLM_ON_CPU,
         # The entropy bonus moves the weights even when every reward of this toy task is equal (zero advantages),
         # so a sync that did not arrive would show in the second step's log-prob agreement.
         "trainer.actor.lr=1e-2", "algorithm.entropy_coef=0.01", "trainer.max_steps=3",

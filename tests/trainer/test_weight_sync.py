@@ -13,9 +13,9 @@ from lmmrl_megatron.rollout.ipc import bucket_views
 from lmmrl_megatron.trainer.weight_sync import _bucket_metadata, choose_transport
 
 
-def test_auto_picks_cuda_ipc_only_for_colocated_gpus() -> None:
+def test_auto_picks_ipc_when_colocated_broadcast_when_separate_host_copies_on_cpu() -> None:
     assert choose_transport("auto", use_gpu=True, colocated=True) == "cuda_ipc"
-    assert choose_transport("auto", use_gpu=True, colocated=False) == "object_store"
+    assert choose_transport("auto", use_gpu=True, colocated=False) == "broadcast"
     assert choose_transport("auto", use_gpu=False, colocated=True) == "object_store"
     assert choose_transport("object_store", use_gpu=True, colocated=True) == "object_store"
 
