@@ -1,4 +1,8 @@
-"""The one run configuration: every section of a run, read by the CLI, the scripts and the Ray workers."""
+"""The one run configuration: every section of a run, read by the CLI, the scripts and the Ray workers.
+
+Each section checks its own fields when it is built; `config.validate.validate_run_config` checks what spans
+sections or needs the file system, and the trainer runs it before it starts any worker.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from lmmrl_megatron.config.sections import (
     TrainerConfig,
 )
 from lmmrl_megatron.data.config import DataConfig
+from lmmrl_megatron.eval.config import EvalConfig
 from lmmrl_megatron.reward.config import RewardConfig
 
 
@@ -28,6 +33,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         self.algorithm.check_samples_per_prompt(self.rollout.n_samples_per_prompt)
