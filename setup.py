@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.67",
     "tensorboard>=2.20",
     "wandb>=0.21",
+    "matplotlib>=3.10",  # the run's plots (headless, Agg)
 ]
 
 EXTRAS_REQUIRE = {
@@ -51,6 +52,8 @@ setup(
             "lmmrl-train=lmmrl_megatron.cli.train:main",
             "lmmrl-parity=lmmrl_megatron.cli.parity:main",
             "lmmrl-make-tiny=lmmrl_megatron.testing.make_tiny:main",
+            "lmmrl-eval=lmmrl_megatron.cli.eval:main",
+            "lmmrl-plot=lmmrl_megatron.cli.plot:main",
         ]
     },
 )

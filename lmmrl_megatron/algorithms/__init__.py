@@ -32,6 +32,7 @@ from lmmrl_megatron.algorithms.kl_controller import (
     FixedKLController,
     KLController,
     make_kl_controller,
+    token_mean_kl,
 )
 from lmmrl_megatron.algorithms.losses import (
     PolicyLossInputs,
@@ -102,6 +103,7 @@ __all__ = [
     "ppo_clip_token_losses",
     "shape_scores",
     "sum_metric_shares",
+    "token_mean_kl",
     "truncated_is_weights",
     "value_loss",
     "whiten",

@@ -7,7 +7,7 @@ from typing import Literal, get_args
 
 AdvantageEstimatorName = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo"]
 KLEstimatorName = Literal["k1", "k2", "k3"]
-LossAggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+LossAggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
 
 # Estimators whose baseline comes from the other answers of the same prompt: they need >= 2 answers per prompt.
 GROUP_ESTIMATORS: frozenset[str] = frozenset({"reinforce_baseline", "rloo", "grpo", "dr_grpo"})
@@ -48,16 +48,16 @@ class AlgorithmConfig:
     kl_coef: float = 0.01  # initial KL coefficient; 0 disables the KL and the reference model
     kl_estimator: KLEstimatorName = "k1"
     use_kl_loss: bool = False  # True: KL is a loss term (GRPO style); False: a per-token reward penalty
-    kl_target: float | None = None  # adaptive KL controller's target; None: fixed coefficient
+    kl_target: float | None = None  # adaptive KL controller's target, a per-token KL (the logged `kl`); None: fixed
     kl_horizon: int = 10000  # adaptive KL controller's horizon, in samples
-    kl_clamp: float | None = 10.0  # clamp log(pi/pi_ref) to [-c, c] before the estimator; None: no clamp
+    kl_clamp: float | None = 10.0  # bound each token's KL estimate to [-c, c] (OpenRLHF, verl); None: unbounded
 
     eps_clip_low: float = 0.2  # PPO ratio lower clip: 1 - eps_clip_low
     eps_clip_high: float = 0.2  # PPO ratio upper clip: 1 + eps_clip_high (> low is "clip-higher")
     dual_clip: float | None = None  # dual-clip constant c > 1 for negative advantages; None: off
     tis_cap: float | None = None  # truncated importance sampling cap on pi_old/pi_rollout; None: off
     entropy_coef: float = 0.0  # entropy bonus coefficient
-    loss_agg_mode: LossAggMode = "token_mean"
+    loss_agg_mode: LossAggMode = "token_mean"  # seq_mean_token_sum_norm divides by rollout.max_new_tokens
     ppo_epochs: int = 1  # passes over each rollout batch
 
     value_clip: float | None = 0.2  # critic value clip around the old values; None: unclipped
@@ -122,7 +122,8 @@ class AlgorithmConfig:
 
     @property
     def kl_in_reward(self) -> bool:
-        """The KL enters as a per-token reward penalty (rather than as a loss term, or not at all)."""
+        """The KL enters as a per-token reward penalty (rather than as a loss term, or not at all); the trainer
+        reads this, not `use_kl_loss`, to decide."""
         return self.kl_coef > 0 and not self.use_kl_loss
 
     @property

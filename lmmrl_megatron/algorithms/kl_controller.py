@@ -1,10 +1,20 @@
-"""KL coefficient controllers: fixed, or adaptive towards a target KL (Ziegler et al., 2019, section 2.2)."""
+"""KL coefficient controllers: fixed, or adaptive towards a target KL (Ziegler et al., 2019, section 2.2).
+
+Units. The KL a controller observes, and so the unit of `algorithm.kl_target`, is the **per-token** KL: the mean of
+the per-token estimate over every valid response token of the step (`token_mean_kl`), the figure the trainer logs
+as `kl`. verl and OpenRLHF feed their controllers a per-token figure too (the mean over sequences of each
+sequence's token mean), so their targets carry over; a per-sequence target (Ziegler et al. sum the KL over an
+episode) must be divided by the typical response length first.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from lmmrl_megatron.algorithms.config import AlgorithmConfig
+from lmmrl_megatron.algorithms.masked import as_bool_mask, masked_fill_invalid
 
 # The adaptive controller moves the coefficient by at most 20% of (num_samples / horizon) per update, so one
 # noisy KL measurement cannot swing it far.
@@ -34,8 +44,8 @@ class AdaptiveKLController:
         error = clip(observed_kl / target - 1, -0.2, 0.2)
         value <- value * (1 + error * num_samples / horizon)
 
-    `observed_kl` must be in the units of `target` (e.g. the batch mean of each sequence's summed KL);
-    `num_samples` is the number of sequences the measurement covers, so the horizon is counted in samples.
+    `observed_kl` is the per-token KL of the step (`token_mean_kl`), the unit of `target`; `num_samples` is the
+    number of sequences the measurement covers, so the horizon is counted in sequences.
     """
 
     value: float
@@ -54,6 +64,16 @@ class AdaptiveKLController:
 
 
 KLController = FixedKLController | AdaptiveKLController
+
+
+def token_mean_kl(kl: Tensor, mask: Tensor) -> float:
+    """The KL a controller observes: sum of the per-token estimates over valid tokens / number of valid tokens.
+
+    `kl` and `mask` are [batch, seq] (or 1-D packed); masked positions are ignored whatever they hold; 0.0 for a
+    batch without a valid token."""
+    bool_mask = as_bool_mask(mask)
+    total = masked_fill_invalid(kl.float(), bool_mask).sum()
+    return float(total / bool_mask.sum().clamp(min=1))
 
 
 def make_kl_controller(config: AlgorithmConfig) -> KLController:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from lmmrl_megatron.config import RunConfig, load_config
+from lmmrl_megatron.config.validate import validate_run_config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = load_config(RunConfig, args.config, args.overrides)
+        validate_run_config(config)  # the trainer checks again; here a bad config is a message, not a traceback
     except ValueError as exc:
         parser.exit(2, f"lmmrl-train: {exc}\n")
 

@@ -1,4 +1,8 @@
-"""The one run configuration: every section of a run, read by the CLI, the scripts and the Ray workers."""
+"""The one run configuration: every section of a run, read by the CLI, the scripts and the Ray workers.
+
+Each section checks its own fields when it is built; `config.validate.validate_run_config` checks what spans
+sections or needs the file system, and the trainer runs it before it starts any worker.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from lmmrl_megatron.config.sections import (
     TrainerConfig,
 )
 from lmmrl_megatron.data.config import DataConfig
+from lmmrl_megatron.eval.config import EvalConfig
 from lmmrl_megatron.reward.config import RewardConfig
 
 
@@ -28,17 +33,10 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         self.algorithm.check_samples_per_prompt(self.rollout.n_samples_per_prompt)
-        rollout, trainer = self.rollout, self.trainer
-        if trainer.colocate_all_models and rollout.num_engines * rollout.engine_tp > trainer.actor_world_size:
-            raise ValueError(
-                f"colocated rollout engines need rollout.num_engines x rollout.engine_tp = "
-                f"{rollout.num_engines * rollout.engine_tp} <= trainer.actor_world_size = {trainer.actor_world_size} GPUs"
-            )
-        if rollout.weight_transport == "cuda_ipc" and not (trainer.num_gpus_per_node > 0 and trainer.colocate_all_models):
-            raise ValueError("rollout.weight_transport=cuda_ipc needs GPUs and trainer.colocate_all_models=true")
         model_parallel = self.parallel.tp * self.parallel.pp
         if self.trainer.actor_world_size % model_parallel != 0:
             raise ValueError(

@@ -82,10 +82,18 @@ class RolloutConfig:
             raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
+LRScheduler = Literal["constant", "cosine"]
+
+
 @dataclass
 class OptimizerConfig:
+    """Adam and its learning-rate schedule, counted in RL steps (`engine/lr_schedule.py` has the formulas):
+    `lr_warmup_steps` steps of linear warmup to `lr`, then `lr` (`constant`) or a cosine down to `min_lr` at
+    `trainer.max_steps` (`cosine`)."""
+
     lr: float = 1e-6
-    min_lr: float = 0.0
+    lr_scheduler: LRScheduler = "constant"
+    min_lr: float = 0.0  # where `cosine` ends; must stay 0 with `constant`
     lr_warmup_steps: int = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -96,6 +104,16 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_scheduler not in ("constant", "cosine"):
+            raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {self.lr_scheduler!r}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.min_lr > 0 and self.lr_scheduler == "constant":
+            raise ValueError(f"min_lr={self.min_lr} has no effect with lr_scheduler 'constant' (set lr_scheduler: cosine)")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ValueError("adam_beta1 and adam_beta2 must be in [0, 1)")
 
@@ -108,8 +126,7 @@ class TrainerConfig:
     num_gpus_per_node: int = 0  # 0: CPU with gloo (tests and the embedded default)
     actor_world_size: int = 1  # ranks of the actor; tp * pp must divide it
     colocate_all_models: bool = True
-    max_steps: int = 10
-    num_episodes: int = 1
+    max_steps: int = 10  # RL steps: the run's length (the prompt sampler runs on across passes over the data)
     train_batch_size: int = 32  # sequences per optimizer step
     max_tokens_per_micro_batch: int = 4096  # micro-batches are formed by a token budget, not a count
     filter_uniform_groups: bool = False  # drop prompts whose n rewards are all equal (no signal for group baselines)

@@ -87,6 +87,22 @@ class PromptLoader:
         while True:
             yield self.next_batch()
 
+    def each_prompt_once(self) -> Iterator[tuple[int, EncodedPrompt]]:
+        """Every pool record once, in pool order, encoded: for evaluation, where each test prompt counts once.
+
+        Bad records get the same policy as in `next_batch` (an error, or skipped, counted and remembered); the
+        sampler is not touched, so this can run between training batches."""
+        for index, record in enumerate(self.pool.records):
+            if index in self._bad_indices:
+                continue
+            try:
+                prompt = self.encoder.encode(record)
+            except BadInputError as exc:
+                self.handler.reject_error(exc)  # raises under `error`
+                self._bad_indices.add(index)
+                continue
+            yield index, prompt
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable: the sampler position, the prompts known to be bad, the skip counts."""
         return {

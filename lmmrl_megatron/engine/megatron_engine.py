@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lmmrl_megatron.config.sections import OptimizerConfig
 from lmmrl_megatron.engine.logprobs import vocab_parallel_logprobs
+from lmmrl_megatron.engine.lr_schedule import set_optimizer_hyperparams
 from lmmrl_megatron.engine.micro_batch import MicroBatch
 
 
@@ -69,6 +70,7 @@ class MegatronEngine:
         self.excluded_token_ids = excluded_token_ids
         self.transformer_config = model_chunks[0].config
         self.optimizer = None
+        self.optimizer_config = optimizer_config
         if optimizer_config is None:  # frozen (reference): no DDP, no optimizer, no grads
             for chunk in model_chunks:
                 chunk.requires_grad_(False)
@@ -98,10 +100,10 @@ class MegatronEngine:
         from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
         from megatron.core.optimizer import get_megatron_optimizer
 
+        # The learning rate is set before every step (`train_step(lr=...)`, the schedule of engine/lr_schedule.py).
         mcore_cfg = McoreOptimizerConfig(
             optimizer="adam",
             lr=cfg.lr,
-            min_lr=cfg.min_lr,
             weight_decay=cfg.weight_decay,
             adam_beta1=cfg.adam_beta1,
             adam_beta2=cfg.adam_beta2,
@@ -182,14 +184,17 @@ class MegatronEngine:
         outputs = self._run(micro_batches, loss_fn=None, forward_only=True)
         return [out["stats"] for out in outputs] if self.is_last_stage else []
 
-    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over all micro-batches; returns summed loss metrics (last stage) and grad_norm."""
-        assert self.optimizer is not None, "train_step on a frozen engine"
+    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, lr: float | None = None) -> dict[str, float]:
+        """One optimizer step over all micro-batches at learning rate `lr` (None: the configured `lr`); returns
+        summed loss metrics (last stage) and grad_norm."""
+        assert self.optimizer is not None and self.optimizer_config is not None, "train_step on a frozen engine"
         assert not self._offloaded, "onload() the engine before train_step()"
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        cfg = self.optimizer_config
+        set_optimizer_hyperparams(self.optimizer, cfg.lr if lr is None else lr, cfg.weight_decay)
         outputs = self._run(micro_batches, loss_fn=loss_fn, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         metrics: dict[str, float] = {}

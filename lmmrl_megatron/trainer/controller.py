@@ -23,9 +23,12 @@ from lmmrl_megatron.algorithms import (
     make_reward_moments,
     nonconstant_group_mask,
     shape_scores,
+    token_mean_kl,
 )
 from lmmrl_megatron.config.loader import dump_yaml, to_dict
 from lmmrl_megatron.config.schema import RunConfig
+from lmmrl_megatron.config.validate import validate_run_config
+from lmmrl_megatron.engine.lr_schedule import learning_rate
 from lmmrl_megatron.engine.micro_batch import Sample
 from lmmrl_megatron.rollout.engine import MultimodalPrompt, SamplingParams
 from lmmrl_megatron.trainer.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
@@ -46,15 +49,18 @@ class RLTrainer:
         from transformers import AutoProcessor
 
         from lmmrl_megatron.data.loader import build_prompt_loader
+        from lmmrl_megatron.eval.evaluator import Evaluator
 
+        validate_run_config(config)  # first: a bad config fails in milliseconds, before any worker loads weights
         self.config = config
-        init_ray(config)  # first: a run that cannot be placed stops before anything is read or built
+        init_ray(config)  # then: a run that cannot be placed stops before anything is read or built
         self.save_path = Path(config.checkpoint.save_path)
         self.save_path.mkdir(parents=True, exist_ok=True)
         dump_yaml(config, self.save_path / "config.yaml")
         processor = AutoProcessor.from_pretrained(config.model.pretrain)
         self.tokenizer = processor.tokenizer
         self.prompts = build_prompt_loader(config.data, processor, config.rollout.rollout_batch_size)
+        self.evaluator = Evaluator(config, processor) if config.eval.enabled else None
         self.reward = self._make_reward()
         self.use_reference = config.algorithm.needs_reference
         self.use_critic = config.algorithm.needs_critic
@@ -151,7 +157,7 @@ class RLTrainer:
         if ref is not None:
             ref_lp = pad_responses([s.ref_logprobs for s in samples])
             kl = kl_estimate(old_lp, ref_lp, alg.kl_estimator, alg.kl_clamp) * mask
-            if not alg.use_kl_loss:
+            if alg.kl_in_reward:
                 kl_rewards = kl_reward_penalty(old_lp, ref_lp, mask, alg.kl_estimator, kl_coef, alg.kl_clamp)
         old_values = pad_responses([s.old_values for s in samples]) if values is not None else None
         inputs = AdvantageInputs(scores=scores, mask=mask, kl_rewards=kl_rewards, values=old_values)
@@ -159,20 +165,28 @@ class RLTrainer:
         for s, adv, ret in zip(samples, scatter_rows(advantages.advantages, samples), scatter_rows(advantages.returns, samples)):
             s.advantages, s.returns = adv, ret
 
-        # 7. PPO epochs over mini-batches of train_batch_size sequences, one optimizer step each (critic first).
+        # 7. PPO epochs over mini-batches of train_batch_size sequences, one optimizer step each (critic first),
+        #    at this step's learning rates.
+        lrs = {"lr/actor": learning_rate(cfg.trainer.actor, self.step, cfg.trainer.max_steps)}
+        if self.use_critic:
+            lrs["lr/critic"] = learning_rate(cfg.trainer.critic, self.step, cfg.trainer.max_steps)
         train_metrics: list[dict[str, float]] = []
+        max_len = cfg.rollout.max_new_tokens
         with timed(timings, "train"):
             for _ in range(alg.ppo_epochs):
                 for start in range(0, len(samples), cfg.trainer.train_batch_size):
                     mini = samples[start : start + cfg.trainer.train_batch_size]
                     mini_mask = pad_responses([torch.ones(s.response_ids.numel()) for s in mini])
-                    normaliser = float(global_aggregation_count([mini_mask], alg.loss_agg_mode))
+                    # seq_mean_token_sum_norm's constant length: the longest response the engines may generate
+                    count = global_aggregation_count([mini_mask], alg.loss_agg_mode, max_response_length=max_len)
+                    normaliser = float(count)
                     shared_mini = put_samples(mini)
-                    mini_metrics = self.policy.train_actor(shared_mini, normaliser, kl_coef)
+                    mini_metrics = self.policy.train_actor(shared_mini, normaliser, kl_coef, lrs["lr/actor"])
                     if self.use_critic:
-                        mini_metrics |= self.policy.train_critic(shared_mini, normaliser)
+                        mini_metrics |= self.policy.train_critic(shared_mini, normaliser, lrs["lr/critic"])
                     train_metrics.append(mini_metrics)
-        self.kl_controller.update(float((kl.sum() / mask.sum()).item()), len(samples))
+        # The controller observes the per-token KL, the `kl` logged below: algorithm.kl_target is in those units.
+        self.kl_controller.update(token_mean_kl(kl, mask), len(samples))
 
         # 8. Push the new weights to the rollout engines (TP gathered, PP collected, bucketed). Colocated, the
         # policy first frees its gradients and optimizer state, and the engines' KV cache comes back only after
@@ -188,7 +202,18 @@ class RLTrainer:
 
         entropy = pad_responses([old[i][1] for i in range(len(samples))])
         metrics = step_metrics(raw_scores, samples, mask, kl, entropy, train_metrics, advantages, kl_coef, keep)
-        return metrics | {"rollout/logprob_abs_diff_max": mismatch} | sync | timings
+        return metrics | {"rollout/logprob_abs_diff_max": mismatch} | lrs | sync | timings
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate the policy as the engines hold it now on `eval.sets`, when `eval` says this step is due
+        (before training, every `eval_steps`, after the last step); the metrics to log, {} when not due.
+        Between steps a colocated policy is already offloaded and the engines awake, as generation needs."""
+        if self.evaluator is None or not self.config.eval.is_due(self.step, self.config.trainer.max_steps):
+            return {}
+        result = self.evaluator.evaluate(self.rollout.generate, self.step)
+        if self.config.eval.save_samples:
+            result.write_samples(self.save_path / "eval" / f"step_{self.step:08d}.jsonl")
+        return result.metrics
 
     def _score(self, encoded, samples: list[Sample]) -> torch.Tensor:
         n = self.config.rollout.n_samples_per_prompt
@@ -208,20 +233,41 @@ class RLTrainer:
     def fit(self) -> Path:
         cfg = self.config
         try:
+            if self.step == 0 and (before := self.evaluate()):
+                self.metrics.log(0, before)
             while self.step < cfg.trainer.max_steps:
                 metrics = self.rl_step()
                 self.step += 1
                 metrics.update(self._reward_counters.to_metrics())  # reward/num_failures, num_timeouts, ...
                 metrics.update({k: float(v) for k, v in self.prompts.skipped.to_metrics().items()})
+                metrics.update(self.evaluate())
                 self.metrics.log(self.step, metrics)
                 save_steps = cfg.checkpoint.save_steps
                 if (save_steps and self.step % save_steps == 0) or self.step == cfg.trainer.max_steps:
                     self.save()
         finally:
             self.metrics.close()
+        self.report()
         print(f"logs: {self.save_path / 'metrics.jsonl'}  tensorboard: {self.save_path / 'tensorboard'}")
         print(f"checkpoints: {self.checkpoints.root} (latest: {self.checkpoints.latest()})")
         return self.save_path
+
+    def report(self) -> None:
+        """Plots of the run beside metrics.jsonl and the before/after table of its evaluations (eval_summary.md).
+        A failure here is printed, not raised: the training it reports on is done and saved."""
+        from lmmrl_megatron.eval.summary import run_eval_summary
+        from lmmrl_megatron.trainer.plots import plot_run
+
+        try:
+            plots = plot_run(self.save_path)
+            print(f"plots: {plots[0]} and {len(plots) - 1} panels in {self.save_path / 'plots'}")
+            table = run_eval_summary(self.save_path / "metrics.jsonl")
+        except Exception as exc:  # noqa: BLE001 - reporting must not turn a finished run into a failed one
+            print(f"warning: the run report was not written: {exc!r}")
+            return
+        if table is not None:
+            (self.save_path / "eval_summary.md").write_text(table + "\n")
+            print(table)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -261,6 +307,8 @@ class RLTrainer:
         from ray.util.placement_group import remove_placement_group
 
         self.reward.close()
+        if self.evaluator is not None:
+            self.evaluator.close()
         self.policy.shutdown()
         self.rollout.shutdown()
         remove_placement_group(self.placement_group)

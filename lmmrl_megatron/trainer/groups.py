@@ -114,12 +114,12 @@ class PolicyGroup:
             merged.update(part)
         return merged
 
-    def train_actor(self, samples: Any, normaliser: float, kl_coef: float) -> dict[str, float]:
-        parts = ray.get([w.train_actor.remote(samples, normaliser, kl_coef) for w in self.workers])
+    def train_actor(self, samples: Any, normaliser: float, kl_coef: float, lr: float) -> dict[str, float]:
+        parts = ray.get([w.train_actor.remote(samples, normaliser, kl_coef, lr) for w in self.workers])
         return next(p for p in parts if p)
 
-    def train_critic(self, samples: Any, normaliser: float) -> dict[str, float]:
-        parts = ray.get([w.train_critic.remote(samples, normaliser) for w in self.workers])
+    def train_critic(self, samples: Any, normaliser: float, lr: float) -> dict[str, float]:
+        parts = ray.get([w.train_critic.remote(samples, normaliser, lr) for w in self.workers])
         return next(p for p in parts if p)
 
     def offload(self) -> None:

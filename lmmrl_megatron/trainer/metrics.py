@@ -16,6 +16,15 @@ from lmmrl_megatron.config.sections import LoggingConfig
 PROGRESS_KEYS = ("reward/mean", "response_length/mean", "kl", "policy/clip_frac", "grad_norm")
 
 
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """The records of a metrics.jsonl, values as floats (non-finite values are stored as strings: 'nan', 'inf')."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            records.append({k: float(v) for k, v in json.loads(line).items()})
+    return records
+
+
 def _truncate_after(path: Path, step: int) -> None:
     """Keep only lines whose step is <= `step` (a crash after the last checkpoint may have written more)."""
     if not path.is_file():
@@ -37,7 +46,8 @@ class MetricsLogger:
         self.save_path = Path(save_path)
         self.save_path.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.save_path / "metrics.jsonl"
-        _truncate_after(self.jsonl_path, start_step)
+        # A run from step 0 starts the file afresh: its evaluation before training (a step-0 record) is redone.
+        _truncate_after(self.jsonl_path, start_step if start_step > 0 else -1)
         self._jsonl = self.jsonl_path.open("a")
         self._tensorboard = None
         if config.use_tensorboard:
@@ -78,7 +88,7 @@ class MetricsLogger:
         if self._bar is not None:
             shown = {k.split("/")[0] if k.endswith("/mean") else k.split("/")[-1]: f"{clean[k]:.4g}" for k in PROGRESS_KEYS if k in clean}
             self._bar.set_postfix(shown, refresh=False)
-            self._bar.update(1)
+            self._bar.update(max(0, step - self._bar.n))  # a step-0 record (evaluation before training) is no step
 
     def close(self) -> None:
         self._jsonl.close()

@@ -195,20 +195,20 @@ class PolicyWorker:
                 out[index] = (values, entropies.get(index))
         return out
 
-    def train_actor(self, samples: list[Sample], normaliser: float, kl_coef: float) -> dict[str, float]:
-        """One actor optimizer step on these samples."""
+    def train_actor(self, samples: list[Sample], normaliser: float, kl_coef: float, lr: float) -> dict[str, float]:
+        """One actor optimizer step on these samples at learning rate `lr`."""
         loss_fn = make_policy_loss(self.config.algorithm, normaliser, kl_coef)
-        return self._train("actor", samples, loss_fn)
+        return self._train("actor", samples, loss_fn, lr)
 
-    def train_critic(self, samples: list[Sample], normaliser: float) -> dict[str, float]:
-        """One critic optimizer step on these samples."""
-        return self._train("critic", samples, make_value_loss(self.config.algorithm, normaliser))
+    def train_critic(self, samples: list[Sample], normaliser: float, lr: float) -> dict[str, float]:
+        """One critic optimizer step on these samples at learning rate `lr`."""
+        return self._train("critic", samples, make_value_loss(self.config.algorithm, normaliser), lr)
 
-    def _train(self, role: Role, samples: list[Sample], loss_fn) -> dict[str, float]:
+    def _train(self, role: Role, samples: list[Sample], loss_fn, lr: float) -> dict[str, float]:
         """Metrics come back from the last-stage, TP-rank-0 member of the first data-parallel group."""
         from megatron.core import parallel_state as ps
 
-        metrics = self.engines[role].train_step(self._my_micro_batches(samples), loss_fn)
+        metrics = self.engines[role].train_step(self._my_micro_batches(samples), loss_fn, lr)
         if role == "critic":
             metrics = {("critic/" + k if not k.startswith("critic/") else k): v for k, v in metrics.items()}
         # Loss metrics are shares of global means: summing them over data-parallel ranks gives the step's value.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmmrl_megatron.algorithms import AdvantageOutput
+from lmmrl_megatron.algorithms import AdvantageOutput, token_mean_kl
 from lmmrl_megatron.engine.micro_batch import Sample
 
 
@@ -41,7 +41,7 @@ def step_metrics(
         "reward/std": float(raw_scores.std(unbiased=False)),
         "response_length/mean": float(lengths.mean()) if len(samples) else 0.0,
         "response_length/max": float(lengths.max()) if len(samples) else 0.0,
-        "kl": float((kl * mask).sum() / num_tokens),
+        "kl": token_mean_kl(kl, mask),  # what the KL controller observes
         "kl_coef": kl_coef,
         "entropy": float((entropy * mask).sum() / num_tokens),
         "advantage/mean": float((advantages.advantages * mask).sum() / num_tokens),

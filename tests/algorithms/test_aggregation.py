@@ -12,7 +12,7 @@ from lmmrl_megatron.algorithms.losses import PolicyLossInputs, policy_loss, valu
 from lmmrl_megatron.algorithms.metrics import sum_metric_shares
 from lmmrl_megatron.algorithms.packing import padded_to_packed
 
-MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
 
 
 def test_aggregate_by_hand():
@@ -24,6 +24,28 @@ def test_aggregate_by_hand():
     assert aggregation_count(mask, "token_mean").item() == 4
     assert aggregation_count(mask, "seq_mean_token_sum").item() == 2  # the empty row does not count
     assert aggregate(values, mask, "token_mean", normaliser=8).item() == pytest.approx(10 / 8)
+
+
+def test_seq_mean_token_sum_norm_divides_by_a_constant_length():
+    """Dr. GRPO's normaliser: (6 + 4) / (2 sequences * L), whatever the lengths of the responses."""
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), -7.0], [float("inf"), 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    mode = "seq_mean_token_sum_norm"
+    assert aggregation_count(mask, mode, max_response_length=8).item() == 2 * 8
+    normaliser = global_aggregation_count([mask[:1], mask[1:]], mode, max_response_length=8)
+    assert normaliser.item() == 16
+    shares = [aggregate(values[:1], mask[:1], mode, normaliser), aggregate(values[1:], mask[1:], mode, normaliser)]
+    assert [s.item() for s in shares] == pytest.approx([6 / 16, 4 / 16])
+    # the same sum as seq_mean_token_sum ((6 + 4) / 2 = 5), scaled by 1 / L
+    seq_mean_token_sum = aggregate(values, mask, "seq_mean_token_sum").item()
+    assert aggregate(values, mask, mode, normaliser).item() == pytest.approx(seq_mean_token_sum / 8)
+    # without a length, verl's: the padded width (3 here)
+    assert aggregate(values, mask, mode).item() == pytest.approx(10 / (2 * 3))
+    packed, packed_mask, cu_seqlens = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.ones(4), torch.tensor([0, 3, 4])
+    assert aggregation_count(packed_mask, mode, cu_seqlens, max_response_length=8).item() == 16
+    assert aggregate(packed, packed_mask, mode, 16, cu_seqlens).item() == pytest.approx(10 / 16)
+    with pytest.raises(ValueError, match="packed inputs needs max_response_length"):
+        aggregation_count(packed_mask, mode, cu_seqlens)
 
 
 def test_packed_matches_padded_by_hand():
@@ -130,7 +152,10 @@ def test_micro_batches_over_ranks_sum_to_the_global_loss(mode, packed):
     micro_batches = [_rows(batch, rows) for rows in rows_per_micro_batch]
     layouts = [_pack(micro) if packed else (micro, None) for micro in micro_batches]
     # What each rank would all-reduce: the count of its own micro-batches, summed over ranks.
-    normaliser = global_aggregation_count([m.mask for m, _ in layouts], mode, [cu for _, cu in layouts])
+    length = batch.mask.shape[-1]  # seq_mean_token_sum_norm's constant: what the whole batch falls back to
+    normaliser = global_aggregation_count(
+        [m.mask for m, _ in layouts], mode, [cu for _, cu in layouts], max_response_length=length
+    )
     assert normaliser == aggregation_count(batch.mask, mode)
 
     losses, shares = [], []
@@ -152,7 +177,7 @@ def test_value_loss_micro_batches_sum_to_the_global_loss(mode):
     batch = _global_batch(seed=1)
     whole, whole_metrics = value_loss(batch.values, batch.old_values, batch.returns, batch.mask, 0.2, mode)
     micro_batches = [_rows(batch, rows) for rank in SPLIT for rows in rank]
-    normaliser = global_aggregation_count([m.mask for m in micro_batches], mode)
+    normaliser = global_aggregation_count([m.mask for m in micro_batches], mode, max_response_length=batch.mask.shape[-1])
     results = [value_loss(m.values, m.old_values, m.returns, m.mask, 0.2, mode, normaliser) for m in micro_batches]
     assert torch.allclose(sum(loss for loss, _ in results), whole, atol=1e-6)
     assert torch.allclose(sum_metric_shares([m for _, m in results]).clip_frac, whole_metrics.clip_frac, atol=1e-6)

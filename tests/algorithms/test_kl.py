@@ -41,19 +41,37 @@ def test_k2_k3_never_negative(name):
     assert (kl_estimate(log_probs, ref_log_probs, name) >= 0).all()
 
 
-def test_clamp_bounds_the_log_ratio_and_keeps_gradients_finite():
-    log_probs = torch.tensor([50.0, -200.0, 0.3], requires_grad=True)
-    ref_log_probs = torch.zeros(3)
+def test_kl_clamp_bounds_the_estimate_and_saturated_tokens_pass_no_gradient():
+    # r = log pi - log pi_ref: -10 (the reference finds the token e^10 times likelier), -2, 3 and 50.
+    log_probs = torch.tensor([-10.0, -2.0, 3.0, 50.0], requires_grad=True)
+    ref_log_probs = torch.zeros(4)
+    e = math.e
+    # k3(r) = e^-r - 1 + r, dk3/dr = 1 - e^-r, bounded to [-10, 10] (OpenRLHF's compute_approx_kl, verl's low_var_kl):
+    #   r = -10: e^10 - 11 = 22015.5 -> 10, gradient 0 (clamping only r gave 2.2e4 and a gradient of 1 - e^10)
+    #   r = -2:  e^2 - 3 = 4.389,  gradient 1 - e^2 = -6.389
+    #   r = 3:   e^-3 + 2 = 2.0498, gradient 1 - e^-3 = 0.9502
+    #   r = 50:  r held at 20 inside k3, e^-20 + 19 ~ 19 -> 10, gradient 0
     k3 = kl_estimate(log_probs, ref_log_probs, "k3", clamp=10.0)
-    # r clamped to [10, -10, 0.3]
-    expected = torch.tensor([math.exp(-10) - 1 + 10, math.exp(10) - 1 - 10, math.exp(-0.3) - 1 + 0.3])
-    assert torch.allclose(k3, expected, rtol=1e-6)
+    assert torch.allclose(k3, torch.tensor([10.0, e**2 - 3, e**-3 + 2, 10.0]), rtol=1e-6)
+    (grad,) = torch.autograd.grad(k3.sum(), log_probs)
+    assert torch.allclose(grad, torch.tensor([0.0, 1 - e**2, 1 - e**-3, 0.0]), rtol=1e-6)
+    # k2(r) = r^2 / 2, dk2/dr = r: 50 -> 10, 2, 4.5, 1250 -> 10
+    k2 = kl_estimate(log_probs, ref_log_probs, "k2", clamp=10.0)
+    assert torch.allclose(k2, torch.tensor([10.0, 2.0, 4.5, 10.0]))
+    (grad,) = torch.autograd.grad(k2.sum(), log_probs)
+    assert torch.allclose(grad, torch.tensor([0.0, -2.0, 3.0, 0.0]))
+    # k1 is r itself: the bound is a clamp of r
+    k1 = kl_estimate(log_probs.detach(), ref_log_probs, "k1", clamp=10.0)
+    assert torch.equal(k1, torch.tensor([-10.0, -2.0, 3.0, 10.0]))
+
+
+def test_unbounded_k3_stays_finite():
+    log_probs = torch.tensor([-200.0, 200.0], requires_grad=True)
+    k3 = kl_estimate(log_probs, torch.zeros(2), "k3", clamp=None)
+    # r held to [-20, 20] inside k3: e^20 - 21 and e^-20 + 19; without it exp(200) is inf and the backward NaN
+    assert torch.allclose(k3, torch.tensor([math.exp(20) - 21, math.exp(-20) + 19]), rtol=1e-6)
     k3.sum().backward()
-    assert torch.isfinite(log_probs.grad).all()
-    assert log_probs.grad[0] == 0 and log_probs.grad[1] == 0  # clamped tokens pass no gradient
-    assert kl_estimate(log_probs.detach(), ref_log_probs, "k1", clamp=10.0)[0] == 10.0
-    unclamped = kl_estimate(log_probs.detach(), ref_log_probs, "k3")
-    assert torch.isinf(unclamped[1])  # exp(200) overflows: why the clamp exists
+    assert torch.equal(log_probs.grad, torch.zeros(2))
 
 
 def test_unknown_estimator_is_an_error():

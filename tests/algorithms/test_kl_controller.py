@@ -1,7 +1,13 @@
 import pytest
+import torch
 
 from lmmrl_megatron.algorithms.config import AlgorithmConfig
-from lmmrl_megatron.algorithms.kl_controller import AdaptiveKLController, FixedKLController, make_kl_controller
+from lmmrl_megatron.algorithms.kl_controller import (
+    AdaptiveKLController,
+    FixedKLController,
+    make_kl_controller,
+    token_mean_kl,
+)
 
 
 def test_fixed_controller_never_moves():
@@ -39,3 +45,20 @@ def test_factory_follows_kl_target():
     assert make_kl_controller(AlgorithmConfig(kl_coef=0.02)) == FixedKLController(value=0.02)
     adaptive = make_kl_controller(AlgorithmConfig(kl_coef=0.02, kl_target=0.1, kl_horizon=500))
     assert adaptive == AdaptiveKLController(value=0.02, target=0.1, horizon=500)
+
+
+def test_the_controller_observes_the_per_token_kl():
+    """One sequence of 1 token with KL 0.4 and one of 3 tokens with KL 0.1 each (padding holds garbage)."""
+    kl = torch.tensor([[0.4, float("nan"), 9.0], [0.1, 0.1, 0.1]])
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
+    # per token: (0.4 + 0.3) / 4 = 0.175; not the mean of the sequence sums (0.35), nor of the sequence means (0.25)
+    assert token_mean_kl(kl, mask) == pytest.approx(0.175)
+    assert token_mean_kl(torch.zeros(2, 3), torch.zeros(2, 3)) == 0.0
+    # a target chosen in per-token units: 0.175 / 0.125 - 1 = 0.4, clipped to 0.2; 2 sequences, horizon 10
+    controller = make_kl_controller(AlgorithmConfig(kl_coef=0.1, kl_target=0.125, kl_horizon=10))
+    controller.update(token_mean_kl(kl, mask), num_samples=2)
+    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 2 / 10))
+    # the same target read as the docs used to describe it (sequence sums: 0.35) would not have been "on target"
+    on_target = make_kl_controller(AlgorithmConfig(kl_coef=0.1, kl_target=0.175, kl_horizon=10))
+    on_target.update(token_mean_kl(kl, mask), num_samples=2)
+    assert on_target.value == pytest.approx(0.1)

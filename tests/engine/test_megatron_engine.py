@@ -158,3 +158,35 @@ def test_offload_then_onload_leaves_the_update_unchanged(reference) -> None:
     for index in reference["before"]:
         torch.testing.assert_close(result["after"][index], reference["after"][index], rtol=1e-4, atol=1e-4)
     assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4)
+
+
+def lr_worker() -> dict[str, object]:
+    from lmmrl_megatron.engine.megatron_engine import MegatronEngine
+    from lmmrl_megatron.testing.tiny_gpt import build_tiny_gpt
+
+    samples = make_samples()
+    micro_batches = [collate(samples, list(range(len(samples))))]
+    config = OptimizerConfig(lr=1e-2, clip_grad=0.0, weight_decay=0.1)
+    engine = MegatronEngine([build_tiny_gpt()], gpt_forward, VOCAB, config)
+
+    def loss_fn(logprobs, entropy, mb):
+        return -(logprobs * mb.advantages * mb.loss_mask).sum() / mb.loss_mask.sum(), {}
+
+    def weights():
+        return torch.cat([p.detach().flatten().clone() for p in engine.model[0].parameters()])
+
+    start = weights()
+    engine.train_step(micro_batches, loss_fn, lr=0.0)
+    unchanged = torch.equal(weights(), start)
+    groups = [(g["lr"], g["weight_decay"], g.get("wd_mult", 1.0)) for g in engine.optimizer.param_groups]
+    engine.train_step(micro_batches, loss_fn, lr=1e-2)
+    return {"unchanged_at_lr_0": unchanged, "moved_at_lr": not torch.equal(weights(), start), "groups": groups}
+
+
+def test_the_learning_rate_of_a_step_reaches_the_optimizer() -> None:
+    [result] = run_distributed(lr_worker, world_size=1)
+    assert result["unchanged_at_lr_0"] and result["moved_at_lr"]
+    groups = result["groups"]
+    assert {lr for lr, _, _ in groups} == {0.0}
+    # weight decay only where Megatron's groups allow it (wd_mult 0: biases and norms)
+    assert {(wd, mult) for _, wd, mult in groups} == {(0.1, 1.0), (0.0, 0.0)}

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmmrl_megatron.config import RunConfig, load_config
 from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
@@ -35,7 +36,11 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     synthetic_main(["--task", "count_shapes", "--n", "64", "--out", str(root / "data"), "--seed", "0"])
     synthetic_main(["--task", "color_of_shape", "--n", "256", "--out", str(root / "color"), "--seed", "0"])
     return {
-        "root": root, "model": model, "default_model": default_model, "data": root / "data" / "train.jsonl",
+        "root": root,
+        "model": model,
+        "default_model": default_model,
+        "data": root / "data" / "train.jsonl",
+        "test": root / "data" / "test.jsonl",
         "color": root / "color" / "train.jsonl",
     }
 
@@ -62,6 +67,7 @@ def make_config(assets: dict[str, Path], run_dir: Path, *overrides: str) -> RunC
         "checkpoint.save_steps=0",
         "logging.progress_bar=false",
         "logging.use_tensorboard=false",
+        "eval.sets=[]",  # the embedded default's test split; the eval test below sets its own
     ]
     return load_config(RunConfig, REPO / "configs" / "rloo_tiny.yaml", base + list(overrides))
 
@@ -92,10 +98,12 @@ def check_run(records: list[dict], num_steps: int) -> None:
 @pytest.mark.parametrize("estimator", ["rloo", "grpo", "dr_grpo", "reinforce", "reinforce_baseline", "gae"])
 def test_each_estimator_runs_end_to_end(assets, tmp_path: Path, estimator: str) -> None:
     extra = ["algorithm.kl_coef=0.01"] if estimator == "reinforce" else []  # one run with the reference and KL
+    if estimator == "dr_grpo":  # Dr. GRPO as its paper has it: the constant normaliser
+        extra = ["algorithm.loss_agg_mode=seq_mean_token_sum_norm"]
     records = run(make_config(assets, tmp_path / estimator, f"algorithm.advantage_estimator={estimator}", *extra))
     check_run(records, 2)
     assert (tmp_path / estimator / "checkpoints" / "latest").is_file()
-    if extra:
+    if estimator == "reinforce":
         assert records[-1]["kl_coef"] == pytest.approx(0.01)
     if estimator == "gae":  # PPO: the critic trains beside the actor
         assert all(math.isfinite(r["critic/grad_norm"]) and "critic/value_loss" in r for r in records)
@@ -125,14 +133,60 @@ def test_pipeline_parallel_actor_and_separate_placement(assets, tmp_path: Path) 
 
 
 def test_resume_reproduces_the_uninterrupted_run(assets, tmp_path: Path) -> None:
-    whole = run(make_config(assets, tmp_path / "whole", "trainer.max_steps=4"))
-    first_half = run(make_config(assets, tmp_path / "split", "trainer.max_steps=2"))
-    resumed = run(make_config(assets, tmp_path / "split", "trainer.max_steps=4", "checkpoint.resume=auto"))
+    # One warmup step, then a cosine to 1e-4 at the run's last step. The schedule is a function of the step, which
+    # the checkpoint holds: the resumed steps 3 and 4 get the whole run's rates.
+    schedule = ("trainer.actor.lr_scheduler=cosine", "trainer.actor.lr_warmup_steps=1", "trainer.actor.min_lr=1e-4")
+    whole = run(make_config(assets, tmp_path / "whole", "trainer.max_steps=4", *schedule))
+    first_half = run(make_config(assets, tmp_path / "split", "trainer.max_steps=2", *schedule))
+    assert [r["lr/actor"] for r in first_half] == pytest.approx([5e-3, 5e-3])  # the whole run's first two rates
+    resumed = run(make_config(assets, tmp_path / "split", "trainer.max_steps=4", "checkpoint.resume=auto", *schedule))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # the resumed run appends to the same metrics.jsonl
+    # warmup step, then 1e-4 + (5e-3 - 1e-4) * (1 + cos(pi * k / 3)) / 2 for k = 0, 1, 2
+    assert [r["lr/actor"] for r in whole] == pytest.approx([5e-3, 5e-3, 3.775e-3, 1.325e-3])
+    assert [r["lr/actor"] for r in resumed[2:]] == pytest.approx([3.775e-3, 1.325e-3])
     for key in ("reward/mean", "response_length/mean", "policy/pg_loss", "grad_norm", "entropy"):
         for step in range(4):
             assert resumed[step][key] == pytest.approx(whole[step][key], rel=1e-4, abs=1e-6), (key, step + 1)
     assert first_half[1]["reward/mean"] == whole[1]["reward/mean"]
+
+
+def test_evaluation_before_and_after_training_plots_and_lmmrl_eval(assets, tmp_path: Path) -> None:
+    """eval set: accuracy at step 0 and after the last step, the plots and the table written; lmmrl-eval on the run
+    (its final checkpoint converted back to Hugging Face) reproduces the run's own last evaluation."""
+    from safetensors.torch import load_file
+
+    from lmmrl_megatron.eval.standalone import evaluate_models
+
+    run_dir = tmp_path / "run"
+    config = make_config(
+        assets, run_dir, f"eval.sets=[{{name: shapes, data: {assets['test']}, max_samples: 4}}]",
+        # The entropy bonus moves the weights even when every reward of this toy task is equal (zero advantages).
+        "trainer.actor.lr=1e-2", "algorithm.entropy_coef=0.01",
+    )
+    records = run(config)
+    before, after = records[0], records[-1]
+    assert before["step"] == 0 and "reward/mean" not in before
+    check_run(records[1:], 2)
+    assert "eval/shapes/accuracy" not in records[1]  # eval_steps 0: only before training and after the last step
+    for record in (before, after):
+        for metric in ("accuracy", "format", "response_length", "num_prompts"):
+            assert math.isfinite(record[f"eval/shapes/{metric}"]), metric
+        assert record["eval/shapes/num_prompts"] == 4
+    assert (run_dir / "metrics.png").is_file() and (run_dir / "plots" / "eval_accuracy.png").is_file()
+    assert "| shapes | accuracy" in (run_dir / "eval_summary.md").read_text()
+    in_run = [json.loads(line) for line in (run_dir / "eval" / "step_00000002.jsonl").read_text().splitlines()]
+    assert len(in_run) == 4
+
+    [(label, metrics)] = evaluate_models(config, [("after", str(run_dir))], tmp_path / "eval_out")
+    assert label == "after"
+    for metric in ("accuracy", "format", "response_length"):
+        assert metrics[f"eval/shapes/{metric}"] == after[f"eval/shapes/{metric}"]
+    standalone = [json.loads(line) for line in (tmp_path / "eval_out" / "samples.jsonl").read_text().splitlines()]
+    assert [s["response"] for s in standalone] == [s["response"] for s in in_run]
+    converted = load_file(str(tmp_path / "eval_out" / "models" / "run_step_00000002" / "model.safetensors"))
+    initial = load_file(str(assets["model"] / "model.safetensors"))
+    assert any(not torch.equal(converted[k], initial[k]) for k in initial)  # it evaluated the trained weights
+    assert "| shapes | accuracy" in (tmp_path / "eval_out" / "summary.md").read_text()
 
 
 def test_the_embedded_default_learns(assets, tmp_path: Path) -> None:
@@ -148,6 +202,7 @@ def test_the_embedded_default_learns(assets, tmp_path: Path) -> None:
             "checkpoint.save_steps=0",
             "logging.progress_bar=false",
             "logging.use_tensorboard=false",
+            "eval.sets=[]",
         ],
     )
     rewards = [r["reward/mean"] for r in run(config)]

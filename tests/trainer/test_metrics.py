@@ -51,3 +51,17 @@ def test_wandb_offline_writes_a_local_run(tmp_path: Path, monkeypatch) -> None:
     logger.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_a_run_from_step_zero_starts_afresh_and_a_step_zero_record_is_no_step(tmp_path: Path, capsys) -> None:
+    config = LoggingConfig(progress_bar=False, use_tensorboard=False)
+    first = MetricsLogger(tmp_path, config, total_steps=2)
+    first.log(0, {"eval/a/accuracy": 0.1})  # evaluation before training, then a crash before any checkpoint
+    first.close()
+    again = MetricsLogger(tmp_path, LoggingConfig(use_tensorboard=False), total_steps=2)
+    again.log(0, {"eval/a/accuracy": 0.1})
+    assert again._bar.n == 0  # the progress bar counts RL steps only
+    again.log(1, {"reward/mean": 1.0})
+    assert again._bar.n == 1
+    again.close()
+    assert [r["step"] for r in read_steps(tmp_path / "metrics.jsonl")] == [0, 1]
