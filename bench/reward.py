@@ -11,7 +11,10 @@ sends for `--seconds`, then waits for the requests in flight (each may take up t
 Answers mix integers, fractions, intervals, percentages, multiple-choice letters and words, half of them right; a
 pathological answer is a power tower, a huge factorial, power or binomial, a 3000-digit number or 60 nested
 braces. Every reward is checked against the expected one: a failure is a request that got no 200 reply, a wrong
-reward one whose reply differs. A first phase times the verifier pool in process, without HTTP.
+reward one whose reply differs. `CPU ms/sample` is the CPU time the server and its verifier processes used in
+the phase over the samples scored: unlike requests/s it does not depend on what else the machine runs. `load` is
+the machine's 1-minute load average at the end of the phase. A first phase times the verifier pool in process,
+without HTTP.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import psutil  # noqa: E402
 
 from lmmrl_megatron.reward.config import RewardConfig  # noqa: E402
 from lmmrl_megatron.reward.scorer import RewardScorer  # noqa: E402
@@ -158,6 +163,18 @@ async def run_phase(host: str, port: int, bodies: list, num_clients: int, second
     return stats, time.monotonic() - started
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    """CPU time of a process and its children (the verifier workers), user and system."""
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            times = member.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def percentile(values: list[float], fraction: float) -> float:
     if not values:
         return float("nan")
@@ -204,17 +221,21 @@ def main() -> None:
             raise SystemExit(f"the reward server did not start: {line!r}")
         url = line.split()[-1]
         host, port = url.removeprefix("http://").rsplit(":", 1)
+        server_process = psutil.Process(server.pid)
         print(f"{'pathological':>12} {'clients':>7} {'requests':>8} {'req/s':>7} {'samples/s':>9} {'p50 ms':>8} "
-              f"{'p95 ms':>8} {'p99 ms':>8} {'failed':>6} {'wrong':>5}", flush=True)
+              f"{'p95 ms':>8} {'p99 ms':>8} {'failed':>6} {'wrong':>5} {'CPU ms/sample':>13} {'load':>5}", flush=True)
         for share in (float(text) for text in args.pathological.split(",")):
             bodies = request_bodies(make_samples(4096, share, seed=0), args.batch_size)
             for num_clients in (int(text) for text in args.clients.split(",")):
+                cpu_before = cpu_seconds(server_process)
                 stats, elapsed = asyncio.run(run_phase(host, int(port), bodies, num_clients, args.seconds))
+                cpu_per_sample = (cpu_seconds(server_process) - cpu_before) / max(1, stats.num_samples)
                 requests = len(stats.latencies)
                 print(f"{share:>12.0%} {num_clients:>7} {requests:>8} {requests / elapsed:>7.1f} "
                       f"{stats.num_samples / elapsed:>9.0f} {percentile(stats.latencies, 0.5) * 1000:>8.0f} "
                       f"{percentile(stats.latencies, 0.95) * 1000:>8.0f} {percentile(stats.latencies, 0.99) * 1000:>8.0f} "
-                      f"{stats.num_failures:>6} {stats.num_wrong:>5}", flush=True)
+                      f"{stats.num_failures:>6} {stats.num_wrong:>5} {cpu_per_sample * 1000:>13.1f} "
+                      f"{os.getloadavg()[0]:>5.1f}", flush=True)
                 for example in stats.failure_examples:
                     print(f"    failure: {example}", flush=True)
         with urllib.request.urlopen(url + "/health", timeout=30) as reply:

@@ -103,9 +103,11 @@ class _WorkerSlot(threading.Thread):
             raise RuntimeError(self._pool._start_failure)  # fail fast: a restart would fail the same way
         try:
             return self._start_process()
-        except RuntimeError as error:
-            self._pool._start_failure = str(error)
-            raise
+        except Exception as error:  # whatever it was, later starts would meet it too: fail every job with it
+            self._stop_process()
+            self._pool._start_failure = str(error) if isinstance(error, RuntimeError) else (
+                f"a reward verifier process could not start: {type(error).__name__}: {error}")
+            raise RuntimeError(self._pool._start_failure) from error
 
     def _start_process(self) -> Connection:
         parent_end, child_end = multiprocessing.Pipe(duplex=True)

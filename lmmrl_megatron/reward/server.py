@@ -143,10 +143,6 @@ class RewardService:
             "counters": counters.to_json(),
         }
 
-    def handle(self, request: RewardRequest) -> dict[str, object]:
-        """Score a request and build its reply, blocking (for callers without an event loop)."""
-        return self.reply(self.submit(request).result())
-
     def health(self) -> dict[str, object]:
         config = self.scorer.config
         with self._lock:
