@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,10 +29,13 @@ from lmmrl_megatron.config.loader import dump_yaml, to_dict
 from lmmrl_megatron.config.schema import RunConfig
 from lmmrl_megatron.engine.micro_batch import Sample
 from lmmrl_megatron.rollout.engine import MultimodalPrompt, SamplingParams
+from lmmrl_megatron.trainer import faults
 from lmmrl_megatron.trainer.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from lmmrl_megatron.trainer.errors import DataError, one_line
 from lmmrl_megatron.trainer.groups import PolicyGroup, RolloutGroup, init_ray, make_placement_group, put_samples
 from lmmrl_megatron.trainer.metrics import MetricsLogger
 from lmmrl_megatron.trainer.step_math import pad_responses, scatter_rows, step_metrics
+from lmmrl_megatron.trainer.storage import check_checkpoint_storage, expected_checkpoint_bytes, explain_save_failure
 
 
 @contextlib.contextmanager
@@ -49,30 +53,43 @@ class RLTrainer:
 
         self.config = config
         self.save_path = Path(config.checkpoint.save_path)
-        self.save_path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = CheckpointManager(self.save_path / "checkpoints", config.checkpoint.keep_last)
+        # Before any work: a checkpoint folder that cannot take a checkpoint fails now, not after the first step.
+        self.expected_checkpoint_bytes = expected_checkpoint_bytes(config)
+        check_checkpoint_storage(self.checkpoints.root, self.expected_checkpoint_bytes, config.checkpoint.keep_last)
+        self.checkpoints.remove_debris()  # what saves that a crash interrupted left behind
+        self.last_saved: Path | None = None  # the newest checkpoint this trainer committed
+        self._started_ray = False
+        self.reward = self.policy = self.rollout = self.placement_group = None
         dump_yaml(config, self.save_path / "config.yaml")
         processor = AutoProcessor.from_pretrained(config.model.pretrain)
         self.tokenizer = processor.tokenizer
-        self.prompts = build_prompt_loader(config.data, processor, config.rollout.rollout_batch_size)
-        self.reward = self._make_reward()
+        try:
+            self.prompts = build_prompt_loader(config.data, processor, config.rollout.rollout_batch_size)
+        except (ValueError, OSError) as exc:  # bad records, missing or unreadable sources: the message says which
+            raise DataError(f"data: {exc}") from exc
         self.use_reference = config.algorithm.needs_reference
         self.use_critic = config.algorithm.needs_critic
-        init_ray(config)
-        pg, policy_offset, rollout_offset = make_placement_group(config)
-        self.placement_group = pg
-        self.policy = PolicyGroup(config, pg, policy_offset, self.use_reference, self.use_critic)
-        self.rollout = RolloutGroup(config, pg, rollout_offset)
-        self.swap_colocated = config.trainer.colocate_all_models and config.rollout.enable_sleep
-        self.kl_controller = make_kl_controller(config.algorithm)
-        self.reward_moments = make_reward_moments(config.algorithm)
-        self.checkpoints = CheckpointManager(self.save_path / "checkpoints", config.checkpoint.keep_last)
-        self.step = 0
-        resume_from = self.checkpoints.resolve_resume(config.checkpoint.resume)
-        if resume_from is not None:
-            self._load(resume_from)
-        self.metrics = MetricsLogger(
-            self.save_path, config.logging, config.trainer.max_steps, start_step=self.step, run_config=to_dict(config)
-        )
+        try:
+            self.reward = self._make_reward()
+            self._started_ray = init_ray(config)
+            pg, policy_offset, rollout_offset = make_placement_group(config)
+            self.placement_group = pg
+            self.policy = PolicyGroup(config, pg, policy_offset, self.use_reference, self.use_critic)
+            self.rollout = RolloutGroup(config, pg, rollout_offset)
+            self.swap_colocated = config.trainer.colocate_all_models and config.rollout.enable_sleep
+            self.kl_controller = make_kl_controller(config.algorithm)
+            self.reward_moments = make_reward_moments(config.algorithm)
+            self.step = 0
+            resume_from = self.checkpoints.resolve_resume(config.checkpoint.resume)
+            if resume_from is not None:
+                self._load(resume_from)
+            self.metrics = MetricsLogger(
+                self.save_path, config.logging, config.trainer.max_steps, start_step=self.step, run_config=to_dict(config)
+            )
+        except BaseException:
+            self.close()  # what was built so far: workers, placement group, Ray
+            raise
 
     def _make_reward(self):
         from lmmrl_megatron.reward.client import RemoteRewardClient
@@ -151,6 +168,8 @@ class RLTrainer:
         for s, adv, ret in zip(samples, scatter_rows(advantages.advantages, samples), scatter_rows(advantages.returns, samples)):
             s.advantages, s.returns = adv, ret
 
+        faults.inject("train", self.step + 1, self.policy)  # LMMRL_FAULT: a test's kill, nothing otherwise
+
         # 7. PPO epochs over mini-batches of train_batch_size sequences, one optimizer step each (critic first).
         train_metrics: list[dict[str, float]] = []
         with timed(timings, "train"):
@@ -224,19 +243,28 @@ class RLTrainer:
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         staging = self.checkpoints.stage(self.step)
-        self.policy.save_checkpoint(str(staging))
-        if self.config.checkpoint.save_hf:
-            self.policy.save_hf(str(staging / "hf"))
-        state = {
-            "step": self.step,
-            "sampler": self.prompts.state_dict(),
-            "rng": capture_rng_state(),
-            "kl_controller": self.kl_controller.state_dict(),
-            "reward_moments": None if self.reward_moments is None else self.reward_moments.state_dict(),
-        }
-        torch.save(state, staging / "trainer_state.pt")
-        (staging / "config.json").write_text(json.dumps(to_dict(self.config), default=str))
-        return self.checkpoints.commit(self.step)
+        try:
+            self.policy.save_checkpoint(str(staging))
+            if self.config.checkpoint.save_hf:
+                self.policy.save_hf(str(staging / "hf"))
+            faults.inject("save", self.step)  # LMMRL_FAULT: a test's kill, nothing otherwise
+            state = {
+                "step": self.step,
+                "sampler": self.prompts.state_dict(),
+                "rng": capture_rng_state(),
+                "kl_controller": self.kl_controller.state_dict(),
+                "reward_moments": None if self.reward_moments is None else self.reward_moments.state_dict(),
+            }
+            torch.save(state, staging / "trainer_state.pt")
+            (staging / "config.json").write_text(json.dumps(to_dict(self.config), default=str))
+            self.last_saved = self.checkpoints.commit(self.step)
+        except Exception as exc:
+            self.checkpoints.abort(self.step)  # a half-written checkpoint may hold the space the next one needs
+            explained = explain_save_failure(exc, staging, self.step)
+            if explained is not None:
+                raise explained from exc
+            raise
+        return self.last_saved
 
     def _load(self, directory: Path) -> None:
         state = torch.load(directory / "trainer_state.pt", weights_only=False)
@@ -251,10 +279,30 @@ class RLTrainer:
         self.policy.push_weights(self.rollout.engines)
 
     def close(self) -> None:
-        """Stop this run's workers and free its placement group; the Ray cluster itself stays up."""
+        """Stop this run's workers, free its placement group, and shut Ray down if this trainer started it.
+
+        Never raises, and may be called twice: it runs while another error (a worker's death) is on its way to
+        the user, who must read that one. Each part is stopped even when an earlier one fails."""
         from ray.util.placement_group import remove_placement_group
 
-        self.reward.close()
-        self.policy.shutdown()
-        self.rollout.shutdown()
-        remove_placement_group(self.placement_group)
+        def stop(what: str, fn) -> None:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001
+                print(f"lmmrl: could not stop the {what}: {one_line(exc, 200)}", file=sys.stderr)
+
+        reward, policy, rollout, pg = self.reward, self.policy, self.rollout, self.placement_group
+        self.reward = self.policy = self.rollout = self.placement_group = None
+        if reward is not None:
+            stop("reward scorer", reward.close)
+        if policy is not None:
+            stop("policy workers", policy.shutdown)
+        if rollout is not None:
+            stop("rollout engines", rollout.shutdown)
+        if pg is not None:
+            stop("placement group", lambda: remove_placement_group(pg))
+        if self._started_ray:
+            import ray
+
+            self._started_ray = False
+            stop("Ray", ray.shutdown)

@@ -1,76 +1,25 @@
-"""End-to-end RL through Ray on CPU: every estimator, TP and PP actors, both placements, resume, weight sync.
+"""End-to-end RL through Ray on CPU: every estimator, TP and PP actors, both placements, weight sync.
 
 Each run is the real thing at toy size: a local Ray cluster, Megatron-Core policy ranks on gloo, the Hugging Face
-rollout engine, the reward pool, checkpoints. One Ray cluster serves the whole module.
+rollout engine, the reward pool, checkpoints. One Ray cluster serves the whole module; resuming and recovery are
+tested in test_recovery.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 
 from lmmrl_megatron.config import RunConfig, load_config
-from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
+from tests.trainer.e2e import REPO, make_config, run
 
-pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 REQUIRED_KEYS = (
     "reward/mean", "reward/std", "response_length/mean", "kl", "entropy", "policy/clip_frac", "grad_norm",
     "time/generate", "time/reward", "time/logprob", "time/train", "time/sync",
 )
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    from lmmrl_megatron.data.synthetic import main as synthetic_main
-
-    root = tmp_path_factory.mktemp("e2e")
-    model = make_tiny_checkpoint("qwen2_5_vl", root / "model", seed=0)
-    synthetic_main(["--task", "count_shapes", "--n", "64", "--out", str(root / "data"), "--seed", "0"])
-    synthetic_main(["--task", "color_of_shape", "--n", "256", "--out", str(root / "color"), "--seed", "0"])
-    return {"root": root, "model": model, "data": root / "data" / "train.jsonl", "color": root / "color" / "train.jsonl"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def make_config(assets: dict[str, Path], run_dir: Path, *overrides: str) -> RunConfig:
-    base = [
-        f"model.pretrain={assets['model']}",
-        f"data.prompt_data=[{assets['data']}]",
-        f"checkpoint.save_path={run_dir}",
-        "rollout.rollout_batch_size=4",
-        "rollout.n_samples_per_prompt=2",
-        "rollout.max_new_tokens=6",
-        "trainer.max_steps=2",
-        "trainer.train_batch_size=8",
-        "checkpoint.save_steps=0",
-        "logging.progress_bar=false",
-        "logging.use_tensorboard=false",
-    ]
-    return load_config(RunConfig, REPO / "configs" / "rloo_tiny.yaml", base + list(overrides))
-
-
-def run(config: RunConfig) -> list[dict]:
-    from lmmrl_megatron.trainer.controller import RLTrainer
-
-    trainer = RLTrainer(config)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    path = Path(config.checkpoint.save_path) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def check_run(records: list[dict], num_steps: int) -> None:
@@ -117,17 +66,6 @@ def test_pipeline_parallel_actor_and_separate_placement(assets, tmp_path: Path) 
     assert saved.keys() == initial.keys()
     assert any(not torch.equal(saved[k], initial[k]) for k in saved)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def test_resume_reproduces_the_uninterrupted_run(assets, tmp_path: Path) -> None:
-    whole = run(make_config(assets, tmp_path / "whole", "trainer.max_steps=4"))
-    first_half = run(make_config(assets, tmp_path / "split", "trainer.max_steps=2"))
-    resumed = run(make_config(assets, tmp_path / "split", "trainer.max_steps=4", "checkpoint.resume=auto"))
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # the resumed run appends to the same metrics.jsonl
-    for key in ("reward/mean", "response_length/mean", "policy/pg_loss", "grad_norm", "entropy"):
-        for step in range(4):
-            assert resumed[step][key] == pytest.approx(whole[step][key], rel=1e-4, abs=1e-6), (key, step + 1)
-    assert first_half[1]["reward/mean"] == whole[1]["reward/mean"]
 
 
 def test_the_embedded_default_learns(assets, tmp_path: Path) -> None:
