@@ -259,8 +259,8 @@ class RLTrainer:
             (staging / "config.json").write_text(json.dumps(to_dict(self.config), default=str))
             self.last_saved = self.checkpoints.commit(self.step)
         except Exception as exc:
+            explained = explain_save_failure(exc, staging, self.step, self.expected_checkpoint_bytes)
             self.checkpoints.abort(self.step)  # a half-written checkpoint may hold the space the next one needs
-            explained = explain_save_failure(exc, staging, self.step)
             if explained is not None:
                 raise explained from exc
             raise

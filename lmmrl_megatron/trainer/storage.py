@@ -31,6 +31,8 @@ _FIXED_BYTES = 2**20  # the checkpoint index, the trainer state, the config
 _STRERRORS = {code: os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)}
 # torch's zip writer reports a short write (a full disk) as a position mismatch, without an errno.
 _SHORT_WRITE_MARKERS = ("unexpected pos", "PytorchStreamWriter failed writing")
+# What a failed checkpoint write says when its cause got lost on the way.
+_WRITE_FAILURE_MARKERS = ("CheckpointException", "Worker failure", "write")
 
 
 def _human(num_bytes: float) -> str:
@@ -105,9 +107,16 @@ def _chain(exc: BaseException):
             stack += [f for f in failures.values() if isinstance(f, BaseException)]
 
 
-def explain_save_failure(exc: BaseException, directory: Path, step: int) -> CheckpointStorageError | None:
+def explain_save_failure(
+    exc: BaseException, directory: Path, step: int, expected_bytes: int = 0
+) -> CheckpointStorageError | None:
     """A one-line CheckpointStorageError for a save that failed for want of space or permission; None when the
-    failure is something else (the caller re-raises it as it is)."""
+    failure is something else (the caller re-raises it as it is). Call it before removing the failed save's
+    files: a write failure whose cause got lost (Megatron's writer reports a failed write thread as "Worker
+    failure ... <class 'RuntimeError'>") is a full disk when less than a checkpoint's `expected_bytes` is free."""
+    where = directory
+    while not where.exists() and where != where.parent:
+        where = where.parent
     code = None
     for link in _chain(exc):
         if isinstance(link, OSError) and link.errno in _STRERRORS:
@@ -118,11 +127,10 @@ def explain_save_failure(exc: BaseException, directory: Path, step: int) -> Chec
         code = next((c for c, message in _STRERRORS.items() if message in text), None)
     if code is None and any(marker in text for marker in _SHORT_WRITE_MARKERS):
         code = errno.ENOSPC  # a short write: a full disk, as good as always
+    if code is None and any(marker in text for marker in _WRITE_FAILURE_MARKERS) and _free_bytes(where) < expected_bytes:
+        code = errno.ENOSPC
     if code is None:
         return None
-    where = directory
-    while not where.exists() and where != where.parent:
-        where = where.parent
     free = f" ({_human(_free_bytes(where))} free)" if code in (errno.ENOSPC, errno.EDQUOT) else ""
     return CheckpointStorageError(
         f"cannot save the checkpoint of step {step} to {directory.parent}: {os.strerror(code)}{free}; "

@@ -65,3 +65,10 @@ def test_save_failures_name_their_cause(tmp_path: Path, error: Exception, expect
 
 def test_other_failures_are_left_alone(tmp_path: Path) -> None:
     assert explain_save_failure(KeyError("model.layers.0"), tmp_path, step=1) is None
+
+
+def test_a_write_failure_that_lost_its_cause_is_a_full_disk_when_no_checkpoint_fits(tmp_path: Path) -> None:
+    lost = RuntimeError("Worker failure: An error is caught while starting worker 0, error: <class 'RuntimeError'>")
+    assert explain_save_failure(lost, tmp_path, step=2, expected_bytes=1024) is None  # room enough: not the disk
+    explained = explain_save_failure(lost, tmp_path, step=2, expected_bytes=2**62)
+    assert explained is not None and "No space left on device" in str(explained)
