@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from lmmrl_megatron.config.schema import RunConfig
-from lmmrl_megatron.trainer.errors import CheckpointStorageError
+from lmmrl_megatron.trainer.errors import CheckpointStorageError, WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ def explain_save_failure(
     failure is something else (the caller re-raises it as it is). Call it before removing the failed save's
     files: a write failure whose cause got lost (Megatron's writer reports a failed write thread as "Worker
     failure ... <class 'RuntimeError'>") is a full disk when less than a checkpoint's `expected_bytes` is free."""
+    if any(isinstance(link, WorkerDiedError) for link in _chain(exc)):
+        return None  # a death mid-save is reported as the death
     where = directory
     while not where.exists() and where != where.parent:
         where = where.parent
