@@ -1,12 +1,15 @@
 """No process of a run outlives its driver, however the driver ends (a clean exit, an error, `kill -9`).
 
-When the driver starts the local Ray cluster itself it first marks its environment with a run token
-(`LMMRL_RUN_TOKEN`), which every process it then starts inherits: Ray's GCS, raylet, dashboard and runtime-env
-agents, the workers, and whatever those fork or spawn. A small watcher process (this module run as a script, in a
-session of its own, without the token) polls the driver; once the driver is gone it kills every process that
-carries the token and exits. A clean `ray.shutdown()` has usually stopped them all already; after a `kill -9` of
-the driver, Ray's agents would otherwise live on. Processes of a cluster the run joined (`RAY_ADDRESS`) do not
-carry the token and are never touched.
+When the driver starts the local Ray cluster itself it first starts a small watcher process (this module run as
+a script, in a session of its own) and marks its environment with a run token (`LMMRL_RUN_TOKEN`) that every
+process it then starts inherits. While the driver lives, the watcher records the driver's descendants every
+`_POLL_S` seconds: Ray's GCS, raylet, dashboard and runtime-env agents, the workers, whatever those fork or
+spawn. Once the driver is gone it kills every recorded process still running (the same pid and start time) and
+every process that carries the token (one started in the last moments), then exits. The record is needed
+because an orphan loses its ancestry and Ray's agents rewrite their environment area (their process titles);
+the token catches what the record missed. A clean `ray.shutdown()` has usually stopped them all already; after a
+`kill -9` of the driver, Ray's agents would otherwise live on. Processes of a cluster the run joined
+(`RAY_ADDRESS`) are neither its descendants nor marked, and are never touched.
 
 Linux only (it reads /proc); elsewhere `start_reaper` does nothing. Standard library only: the watcher starts in
 a fraction of a second.
@@ -23,7 +26,7 @@ import uuid
 from pathlib import Path
 
 TOKEN_ENV = "LMMRL_RUN_TOKEN"
-_POLL_S = 0.2
+_POLL_S = 0.25
 
 _started: str | None = None  # this process's token, once its watcher runs
 
@@ -55,12 +58,40 @@ def marked_processes(token: str) -> list[int]:
     return found
 
 
-def kill_marked(token: str, rounds: int = 20) -> int:
-    """SIGKILL every process carrying the token until none is left (a dying raylet may still start one); returns
-    how many were killed."""
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every live process."""
+    parents = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    found, stack = [], list(children.get(pid, []))
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        stack += children.get(current, [])
+    return found
+
+
+def kill_marked(token: str, recorded: dict[int, str] | None = None, rounds: int = 20) -> int:
+    """SIGKILL every process carrying the token, and every `recorded` pid whose start time still matches, until
+    none is left (a dying raylet may still start one); returns how many were killed."""
     killed = 0
     for _ in range(rounds):
-        pids = marked_processes(token)
+        pids = set(marked_processes(token))
+        pids |= {pid for pid, started in (recorded or {}).items() if _start_time(pid) == started}
+        pids.discard(os.getpid())
         if not pids:
             break
         for pid in pids:
@@ -98,9 +129,13 @@ def start_reaper() -> str | None:
 
 
 def _watch(pid: int, start_time: str, token: str) -> None:
+    recorded: dict[int, str] = {}
     while (now := _start_time(pid)) is not None and (not start_time or now == start_time):
+        for child in descendants(pid):
+            if child != os.getpid() and child not in recorded and (started := _start_time(child)) is not None:
+                recorded[child] = started
         time.sleep(_POLL_S)
-    kill_marked(token)
+    kill_marked(token, recorded)
 
 
 if __name__ == "__main__":

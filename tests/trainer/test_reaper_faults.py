@@ -34,22 +34,27 @@ def test_processes_carrying_the_token_are_found_and_killed() -> None:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="Linux only")
 def test_the_watcher_kills_the_marked_processes_once_the_driver_dies(tmp_path) -> None:
-    """A driver that starts the reaper and a marked child, then dies by SIGKILL: the child goes too."""
+    """A driver that starts the reaper, a marked child and a child without the token (as Ray's agents are once
+    they rewrite their environment area), then dies by SIGKILL: both children go too."""
     script = tmp_path / "driver.py"
     script.write_text(
-        "import os, signal, subprocess, sys\n"
+        "import os, signal, subprocess, sys, time\n"
         "from lmmrl_megatron.trainer.reaper import start_reaper\n"
         "start_reaper()\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-        "print(child.pid, flush=True)\n"
+        "sleep = [sys.executable, '-c', 'import time; time.sleep(60)']\n"
+        "marked = subprocess.Popen(sleep)\n"
+        "unmarked = subprocess.Popen(sleep, env={'PATH': os.environ.get('PATH', '')})\n"
+        "print(marked.pid, unmarked.pid, flush=True)\n"
+        "time.sleep(1.5)  # the watcher records the driver's descendants\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     driver = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
-    child = int(driver.stdout.split()[0])
+    children = [int(pid) for pid in driver.stdout.split()]
+    assert len(children) == 2, driver.stderr
     deadline = time.monotonic() + 15
-    while _running(child) and time.monotonic() < deadline:
+    while any(map(_running, children)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _running(child)
+    assert not any(map(_running, children))
 
 
 def _running(pid: int) -> bool:
