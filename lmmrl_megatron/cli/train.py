@@ -3,6 +3,9 @@
     lmmrl-train --config configs/rloo_tiny.yaml [key.sub=value ...]
 
 The advantage estimator is `algorithm.advantage_estimator`; every key of the run schema can be overridden.
+With `trainer.max_restarts=K`, a worker that dies restarts the workers from the last checkpoint, up to K times.
+A problem a person fixes (bad data, a full or read-only checkpoint folder, a dead worker) ends the run with one
+line, `lmmrl-train: ...`, and exit status 1; anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -24,16 +27,14 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.exit(2, f"lmmrl-train: {exc}\n")
 
-    from lmmrl_megatron.trainer.controller import RLTrainer
+    from lmmrl_megatron.data.bad_input import BadInputError
+    from lmmrl_megatron.trainer.errors import RunError, one_line
+    from lmmrl_megatron.trainer.supervisor import train
 
-    import ray
-
-    trainer = RLTrainer(config)
     try:
-        trainer.fit()
-    finally:
-        trainer.close()
-        ray.shutdown()
+        train(config)
+    except (RunError, BadInputError) as exc:  # a bad record found mid-run arrives as BadInputError
+        parser.exit(1, f"lmmrl-train: {one_line(exc, 2000)}\n")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,9 @@ class TrainerConfig:
     max_tokens_per_micro_batch: int = 4096  # micro-batches are formed by a token budget, not a count
     filter_uniform_groups: bool = False  # drop prompts whose n rewards are all equal (no signal for group baselines)
     seed: int = 42
+    # A worker that dies (crash, OOM kill) restarts the workers and resumes from the last complete checkpoint,
+    # up to this many times per run (0: the run stops with the worker's error).
+    max_restarts: int = 0
     actor: OptimizerConfig = field(default_factory=OptimizerConfig)
     critic: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-6))
 
@@ -140,6 +143,8 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_gpus_per_node < 0:
             raise ValueError(f"trainer.num_gpus_per_node must be >= 0, got {self.num_gpus_per_node}")
+        if self.max_restarts < 0:
+            raise ValueError(f"trainer.max_restarts must be >= 0, got {self.max_restarts}")
 
 
 @dataclass

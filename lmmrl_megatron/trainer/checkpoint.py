@@ -3,11 +3,15 @@
     save_path/checkpoints/
         step_00000010/     committed: holds COMPLETE, the model/optimizer checkpoint and trainer_state.pt
         .tmp-step_00000020 a save in progress (or one a crash interrupted): never read, removed by the next save
-        latest             the name of the newest committed checkpoint, replaced atomically
+                           of any step and when a run starts
+        latest             the name of the newest committed checkpoint, for people and tools
 
 A save is two-phase so every rank can write into the staging directory (a Megatron distributed checkpoint) before
 one rank commits it: `stage(step)` -> ranks write -> barrier -> `commit(step)`. A crash at any point leaves the
-previous committed checkpoint intact and `latest` pointing at it.
+previous committed checkpoint intact. Resuming never trusts `latest`: it takes the complete step directory with
+the highest step, so a crash between the commit's rename and the `latest` update loses nothing. Directories leave
+by a rename too (to `.trash-*`, then deleted), so a crash mid-delete never leaves a half-deleted `step_*` that
+still looks complete.
 """
 
 from __future__ import annotations
@@ -45,13 +49,27 @@ class CheckpointManager:
     def staging_dir(self, step: int) -> Path:
         return self.root / f".tmp-{_step_dir_name(step)}"
 
+    def remove_debris(self) -> None:
+        """Remove what interrupted saves and deletions left: staging directories of any step, `.trash-*`
+        directories, temporary `latest` files."""
+        if not self.root.is_dir():
+            return
+        for path in self.root.iterdir():
+            if path.name.startswith((".tmp-", ".trash-")) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.name.startswith(".latest.tmp-"):
+                path.unlink(missing_ok=True)
+
     def stage(self, step: int) -> Path:
-        """Create an empty staging directory for `step` (removing any a crashed save left behind)."""
+        """Create an empty staging directory for `step` (removing any a crashed save left behind, of any step)."""
+        self.remove_debris()
         staging = self.staging_dir(step)
-        if staging.exists():
-            shutil.rmtree(staging)
         staging.mkdir(parents=True)
         return staging
+
+    def abort(self, step: int) -> None:
+        """Drop a staged save that failed (it may fill the disk the next one needs)."""
+        shutil.rmtree(self.staging_dir(step), ignore_errors=True)
 
     def commit(self, step: int, metadata: dict[str, Any] | None = None) -> Path:
         """Mark the staged checkpoint complete, rename it into place, point `latest` at it, prune old ones."""
@@ -61,11 +79,16 @@ class CheckpointManager:
         (staging / COMPLETE_MARKER).write_text(json.dumps(marker))
         final = self.root / _step_dir_name(step)
         if final.exists():  # re-saving a step (e.g. after resuming from it): replace the old copy
-            shutil.rmtree(final)
+            self._discard(final)
         os.replace(staging, final)
         self._write_latest(final.name)
         self._prune()
         return final
+
+    def _discard(self, directory: Path) -> None:
+        trash = self.root / f".trash-{directory.name}-{os.getpid()}"
+        os.replace(directory, trash)  # atomic: from here on it is not a checkpoint
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _write_latest(self, name: str) -> None:
         tmp = self.root / f".latest.tmp-{os.getpid()}"
@@ -76,16 +99,16 @@ class CheckpointManager:
         """Committed checkpoints, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if p.name.startswith(_PREFIX) and (p / COMPLETE_MARKER).is_file()]
+        found = [
+            p
+            for p in self.root.iterdir()
+            if p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit() and (p / COMPLETE_MARKER).is_file()
+        ]
         return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if pointer.is_file():
-            candidate = self.root / pointer.read_text().strip()
-            if (candidate / COMPLETE_MARKER).is_file():
-                return candidate
-        committed = self.committed()  # `latest` missing or stale: fall back to the newest complete one
+        """The complete checkpoint of the highest step (the `latest` file may lag a crash behind it)."""
+        committed = self.committed()
         return committed[-1] if committed else None
 
     def resolve_resume(self, resume: str) -> Path | None:
@@ -101,7 +124,7 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         for old in self.committed()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            self._discard(old)
 
 
 def capture_rng_state() -> dict[str, Any]:

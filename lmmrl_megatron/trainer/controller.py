@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,10 +32,13 @@ from lmmrl_megatron.config.validate import validate_run_config
 from lmmrl_megatron.engine.lr_schedule import learning_rate
 from lmmrl_megatron.engine.micro_batch import Sample
 from lmmrl_megatron.rollout.engine import MultimodalPrompt, SamplingParams
+from lmmrl_megatron.trainer import faults
 from lmmrl_megatron.trainer.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from lmmrl_megatron.trainer.errors import DataError, one_line
 from lmmrl_megatron.trainer.groups import PolicyGroup, RolloutGroup, init_ray, make_placement_group, put_samples
 from lmmrl_megatron.trainer.metrics import MetricsLogger
 from lmmrl_megatron.trainer.step_math import pad_responses, scatter_rows, step_metrics
+from lmmrl_megatron.trainer.storage import check_checkpoint_storage, expected_checkpoint_bytes, explain_save_failure
 
 
 @contextlib.contextmanager
@@ -48,39 +52,57 @@ class RLTrainer:
     def __init__(self, config: RunConfig) -> None:
         from transformers import AutoProcessor
 
-        from lmmrl_megatron.data.loader import build_prompt_loader
         from lmmrl_megatron.eval.evaluator import Evaluator
 
         validate_run_config(config)  # first: a bad config fails in milliseconds, before any worker loads weights
         self.config = config
-        init_ray(config)  # then: a run that cannot be placed stops before anything is read or built
         self.save_path = Path(config.checkpoint.save_path)
-        self.save_path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = CheckpointManager(self.save_path / "checkpoints", config.checkpoint.keep_last)
+        # Before any work: a checkpoint folder that cannot take a checkpoint fails now, not after the first step.
+        self.expected_checkpoint_bytes = expected_checkpoint_bytes(config)
+        check_checkpoint_storage(self.checkpoints.root, self.expected_checkpoint_bytes, config.checkpoint.keep_last)
+        self.checkpoints.remove_debris()  # what saves that a crash interrupted left behind
+        self.last_saved: Path | None = None  # the newest checkpoint this trainer committed
+        self._started_ray = False
+        self.reward = self.policy = self.rollout = self.placement_group = None
         dump_yaml(config, self.save_path / "config.yaml")
         processor = AutoProcessor.from_pretrained(config.model.pretrain)
         self.tokenizer = processor.tokenizer
-        self.prompts = build_prompt_loader(config.data, processor, config.rollout.rollout_batch_size)
-        self.evaluator = Evaluator(config, processor) if config.eval.enabled else None
-        self.reward = self._make_reward()
-        self.use_reference = config.algorithm.needs_reference
-        self.use_critic = config.algorithm.needs_critic
-        pg, policy_offset, rollout_offset = make_placement_group(config)
-        self.placement_group = pg
-        self.policy = PolicyGroup(config, pg, policy_offset, self.use_reference, self.use_critic)
-        self.rollout = RolloutGroup(config, pg, rollout_offset)
-        self.swap_colocated = config.trainer.colocate_all_models and config.rollout.enable_sleep
-        self.kl_controller = make_kl_controller(config.algorithm)
-        self.reward_moments = make_reward_moments(config.algorithm)
-        self.checkpoints = CheckpointManager(self.save_path / "checkpoints", config.checkpoint.keep_last)
-        self.step = 0
-        resume_from = self.checkpoints.resolve_resume(config.checkpoint.resume)
-        if resume_from is not None:
-            self._load(resume_from)
-        if self.swap_colocated:
-            self.policy.offload()  # the policy holds only its weights while the engines generate
-        self.metrics = MetricsLogger(
-            self.save_path, config.logging, config.trainer.max_steps, start_step=self.step, run_config=to_dict(config)
-        )
+        self.evaluator = None
+        try:
+            self._started_ray = init_ray(config)  # a run that cannot be placed stops before data or weights are read
+            self.prompts = self._build_prompts(processor)
+            self.evaluator = Evaluator(config, processor) if config.eval.enabled else None
+            self.use_reference = config.algorithm.needs_reference
+            self.use_critic = config.algorithm.needs_critic
+            self.reward = self._make_reward()
+            pg, policy_offset, rollout_offset = make_placement_group(config)
+            self.placement_group = pg
+            self.policy = PolicyGroup(config, pg, policy_offset, self.use_reference, self.use_critic)
+            self.rollout = RolloutGroup(config, pg, rollout_offset)
+            self.swap_colocated = config.trainer.colocate_all_models and config.rollout.enable_sleep
+            self.kl_controller = make_kl_controller(config.algorithm)
+            self.reward_moments = make_reward_moments(config.algorithm)
+            self.step = 0
+            resume_from = self.checkpoints.resolve_resume(config.checkpoint.resume)
+            if resume_from is not None:
+                self._load(resume_from)
+            if self.swap_colocated:
+                self.policy.offload()  # between steps the policy holds only its weights; the engines generate
+            self.metrics = MetricsLogger(
+                self.save_path, config.logging, config.trainer.max_steps, start_step=self.step, run_config=to_dict(config)
+            )
+        except BaseException:
+            self.close()  # what was built so far: workers, placement group, Ray
+            raise
+
+    def _build_prompts(self, processor):
+        from lmmrl_megatron.data.loader import build_prompt_loader
+
+        try:
+            return build_prompt_loader(self.config.data, processor, self.config.rollout.rollout_batch_size)
+        except (ValueError, OSError) as exc:  # bad records, missing or unreadable sources: the message says which
+            raise DataError(f"data: {exc}") from exc
 
     def _make_reward(self):
         from lmmrl_megatron.reward.client import RemoteRewardClient
@@ -164,6 +186,8 @@ class RLTrainer:
         advantages = compute_advantages(alg, inputs, n)
         for s, adv, ret in zip(samples, scatter_rows(advantages.advantages, samples), scatter_rows(advantages.returns, samples)):
             s.advantages, s.returns = adv, ret
+
+        faults.inject("train", self.step + 1, self.policy)  # LMMRL_FAULT: a test's kill, nothing otherwise
 
         # 7. PPO epochs over mini-batches of train_batch_size sequences, one optimizer step each (critic first),
         #    at this step's learning rates.
@@ -272,23 +296,32 @@ class RLTrainer:
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         staging = self.checkpoints.stage(self.step)
-        if self.swap_colocated:
-            self.policy.onload()  # the optimizer state is saved from where it lives while training
-        self.policy.save_checkpoint(str(staging))
-        if self.swap_colocated:
-            self.policy.offload()
-        if self.config.checkpoint.save_hf:
-            self.policy.save_hf(str(staging / "hf"))
-        state = {
-            "step": self.step,
-            "sampler": self.prompts.state_dict(),
-            "rng": capture_rng_state(),
-            "kl_controller": self.kl_controller.state_dict(),
-            "reward_moments": None if self.reward_moments is None else self.reward_moments.state_dict(),
-        }
-        torch.save(state, staging / "trainer_state.pt")
-        (staging / "config.json").write_text(json.dumps(to_dict(self.config), default=str))
-        return self.checkpoints.commit(self.step)
+        try:
+            if self.swap_colocated:
+                self.policy.onload()  # the optimizer state is saved from where it lives while training
+            self.policy.save_checkpoint(str(staging))
+            if self.swap_colocated:
+                self.policy.offload()
+            if self.config.checkpoint.save_hf:
+                self.policy.save_hf(str(staging / "hf"))
+            faults.inject("save", self.step)  # LMMRL_FAULT: a test's kill, nothing otherwise
+            state = {
+                "step": self.step,
+                "sampler": self.prompts.state_dict(),
+                "rng": capture_rng_state(),
+                "kl_controller": self.kl_controller.state_dict(),
+                "reward_moments": None if self.reward_moments is None else self.reward_moments.state_dict(),
+            }
+            torch.save(state, staging / "trainer_state.pt")
+            (staging / "config.json").write_text(json.dumps(to_dict(self.config), default=str))
+            self.last_saved = self.checkpoints.commit(self.step)
+        except Exception as exc:
+            explained = explain_save_failure(exc, staging, self.step, self.expected_checkpoint_bytes)
+            self.checkpoints.abort(self.step)  # a half-written checkpoint may hold the space the next one needs
+            if explained is not None:
+                raise explained from exc
+            raise
+        return self.last_saved
 
     def _load(self, directory: Path) -> None:
         state = torch.load(directory / "trainer_state.pt", weights_only=False)
@@ -303,12 +336,32 @@ class RLTrainer:
         self.policy.push_weights(self.rollout.engines)
 
     def close(self) -> None:
-        """Stop this run's workers and free its placement group; the Ray cluster itself stays up."""
+        """Stop this run's workers, free its placement group, and shut Ray down if this trainer started it.
+
+        Never raises, and may be called twice: it runs while another error (a worker's death) is on its way to
+        the user, who must read that one. Each part is stopped even when an earlier one fails."""
         from ray.util.placement_group import remove_placement_group
 
-        self.reward.close()
+        def stop(what: str, fn) -> None:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001
+                print(f"lmmrl: could not stop the {what}: {one_line(exc, 200)}", file=sys.stderr)
+
+        reward, policy, rollout, pg = self.reward, self.policy, self.rollout, self.placement_group
+        self.reward = self.policy = self.rollout = self.placement_group = None
+        if reward is not None:
+            stop("reward scorer", reward.close)
         if self.evaluator is not None:
-            self.evaluator.close()
-        self.policy.shutdown()
-        self.rollout.shutdown()
-        remove_placement_group(self.placement_group)
+            stop("evaluator", self.evaluator.close)
+        if policy is not None:
+            stop("policy workers", policy.shutdown)
+        if rollout is not None:
+            stop("rollout engines", rollout.shutdown)
+        if pg is not None:
+            stop("placement group", lambda: remove_placement_group(pg))
+        if self._started_ray:
+            import ray
+
+            self._started_ray = False
+            stop("Ray", ray.shutdown)

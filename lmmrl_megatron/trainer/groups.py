@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from lmmrl_megatron.config.schema import RunConfig
 from lmmrl_megatron.engine.micro_batch import Sample
 from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
+from lmmrl_megatron.trainer.errors import ClusterError
 
 # NVLink multicast can take a shared host's GPUs down; it stays off in every process we start.
 WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -33,21 +34,28 @@ def num_gpus_needed(config: RunConfig) -> int:
     return trainer.actor_world_size + engines
 
 
-def init_ray(config: RunConfig) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local one sized for this run; then check that the
-    cluster has the GPUs the run places, before anything is built on it."""
+def init_ray(config: RunConfig) -> bool:
+    """Join the cluster named by RAY_ADDRESS, or start a local one sized for this run; True when this call
+    started Ray (the caller then shuts it down). A local cluster's processes die with this process (see
+    trainer/reaper.py), whichever way it ends. Then check that the cluster has the GPUs the run places, before
+    anything is built on it."""
+    started = False
     if not ray.is_initialized():
         _start_or_join_ray(config)
+        started = True
     needed = num_gpus_needed(config)
     available = int(ray.cluster_resources().get("GPU", 0))
     if available < needed:
-        raise ValueError(
+        if started:
+            ray.shutdown()
+        raise ClusterError(
             f"the Ray cluster has {available} GPUs; this run places {needed} (trainer.actor_world_size="
             f"{config.trainer.actor_world_size}"
-            + ("" if config.trainer.colocate_all_models else f" + rollout.num_engines x rollout.engine_tp")
+            + ("" if config.trainer.colocate_all_models else " + rollout.num_engines x rollout.engine_tp")
             + f"): start the run on a cluster of trainer.num_nodes={config.trainer.num_nodes} x "
             f"trainer.num_gpus_per_node={config.trainer.num_gpus_per_node} GPUs (scripts/slurm/ray_cluster.sbatch)"
         )
+    return started
 
 
 def _start_or_join_ray(config: RunConfig) -> None:
@@ -57,11 +65,14 @@ def _start_or_join_ray(config: RunConfig) -> None:
         try:
             ray.init(runtime_env=env)
         except ConnectionError as exc:
-            raise ValueError(
+            raise ClusterError(
                 f"no Ray cluster at RAY_ADDRESS={address!r} ({exc}); start one first, e.g. with "
                 "scripts/slurm/ray_cluster.sbatch, or unset RAY_ADDRESS to start a local cluster"
             ) from None
         return
+    from lmmrl_megatron.trainer.reaper import start_reaper
+
+    start_reaper()
     trainer = config.trainer
     # Logical CPUs: one per actor we place, whatever the machine has; the OS shares the real cores.
     num_cpus = trainer.actor_world_size * 2 + config.rollout.num_engines * 2 + 2
@@ -84,7 +95,10 @@ def make_placement_group(config: RunConfig) -> tuple[PlacementGroup, int, int]:
 
 
 class PolicyGroup:
-    """The Megatron ranks: actor, and colocated with it the reference (KL) and the critic (GAE) when needed."""
+    """The Megatron ranks: actor, and colocated with it the reference (KL) and the critic (GAE) when needed.
+
+    A rank that dies (a crash, the OOM killer, a kill) makes every request raise WorkerDiedError naming it, not
+    the errors its peers then hit in their collectives; `shutdown` still stops the others."""
 
     def __init__(
         self, config: RunConfig, pg: PlacementGroup, bundle_offset: int, with_reference: bool, with_critic: bool
@@ -95,6 +109,7 @@ class PolicyGroup:
         gpu_share = (0.5 if colocated else 1.0) if config.trainer.num_gpus_per_node > 0 else 0
         world_size = config.trainer.actor_world_size
         worker_cls = ray.remote(PolicyWorker)
+        self.broken = False  # a rank died: the survivors may be stuck in a collective
         self.workers = [
             worker_cls.options(
                 num_cpus=0.5,
@@ -103,48 +118,112 @@ class PolicyGroup:
             ).remote(config, rank, world_size, with_reference, with_critic)
             for rank in range(world_size)
         ]
-        address, port = ray.get(self.workers[0].master_address.remote())
-        self.layout = ray.get([w.setup.remote(address, port) for w in self.workers])[0]
+        try:
+            address, port = self._gather([self.workers[0].master_address.remote()], "setup")[0]
+            self.layout = self._gather([w.setup.remote(address, port) for w in self.workers], "setup")[0]
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- requests to every rank, and what a dead rank turns them into ----------------------------------------------
+    def _gather(self, futures: list[Any], what: str) -> list[Any]:
+        """`ray.get(futures)` (futures[i] from rank i, or from the ranks in order), except that a rank's death
+        raises WorkerDiedError as soon as it is known, without waiting for peers that may wait on it forever."""
+        from ray.exceptions import RayActorError, RayError
+
+        pending = list(futures)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except RayActorError as exc:
+                self._raise_died(futures.index(ready[0]), what, exc)
+            except RayError as exc:
+                # A peer's failure (e.g. gloo's "connection closed by peer"): report the death behind it, if any.
+                dead = self.dead_ranks()
+                if dead:
+                    self._raise_died(dead[0], what, exc)
+                raise
+        return ray.get(futures)
+
+    def _raise_died(self, rank: int, what: str, exc: BaseException) -> None:
+        from lmmrl_megatron.trainer.errors import WorkerDiedError, one_line
+
+        self.broken = True
+        reason = getattr(exc, "error_msg", None) or str(exc)
+        raise WorkerDiedError(f"policy worker rank {rank} died during {what}: {one_line(reason, 300)}") from exc
+
+    def dead_ranks(self, timeout_s: float = 5.0) -> list[int]:
+        """Ranks whose actor Ray knows to be dead (a busy rank's answer is not waited for past `timeout_s`)."""
+        from ray.exceptions import RayActorError
+
+        probes = [w.__ray_ready__.remote() for w in self.workers]
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=timeout_s)
+        dead = []
+        for rank, probe in enumerate(probes):
+            if probe in ready:
+                try:
+                    ray.get(probe)
+                except RayActorError:
+                    dead.append(rank)
+        return dead
+
+    def kill_rank(self, rank: int) -> None:
+        """SIGKILL one rank's process, as a crash would (fault injection: trainer/faults.py)."""
+        import signal
+
+        os.kill(ray.get(self.workers[rank].pid.remote()), signal.SIGKILL)
 
     def forward(self, samples: Any, role: str) -> dict[int, tuple[Any, Any]]:
         """`samples` is a Ray object ref of list[Sample]; per sample index, (log-probs, entropy) of the actor or
         reference, (values, None) of the critic."""
         merged: dict[int, tuple[Any, Any]] = {}
-        for part in ray.get([w.forward.remote(samples, role) for w in self.workers]):
+        for part in self._gather([w.forward.remote(samples, role) for w in self.workers], f"forward ({role})"):
             merged.update(part)
         return merged
 
     def train_actor(self, samples: Any, normaliser: float, kl_coef: float, lr: float) -> dict[str, float]:
-        parts = ray.get([w.train_actor.remote(samples, normaliser, kl_coef, lr) for w in self.workers])
+        parts = self._gather([w.train_actor.remote(samples, normaliser, kl_coef, lr) for w in self.workers], "train_actor")
         return next(p for p in parts if p)
 
     def train_critic(self, samples: Any, normaliser: float, lr: float) -> dict[str, float]:
-        parts = ray.get([w.train_critic.remote(samples, normaliser, lr) for w in self.workers])
+        parts = self._gather([w.train_critic.remote(samples, normaliser, lr) for w in self.workers], "train_critic")
         return next(p for p in parts if p)
 
     def offload(self) -> None:
-        ray.get([w.offload.remote() for w in self.workers])
+        self._gather([w.offload.remote() for w in self.workers], "offload")
 
     def onload(self) -> None:
-        ray.get([w.onload.remote() for w in self.workers])
+        self._gather([w.onload.remote() for w in self.workers], "onload")
 
     def push_weights(self, engines: list[Any]) -> dict[str, float]:
-        parts = ray.get([w.push_weights.remote(engines) for w in self.workers])
+        parts = self._gather([w.push_weights.remote(engines) for w in self.workers], "push_weights")
         return {k: sum(p.get(k, 0.0) for p in parts) for k in parts[0]}
 
     def save_checkpoint(self, directory: str) -> None:
-        ray.get([w.save_checkpoint.remote(directory) for w in self.workers])
+        self._gather([w.save_checkpoint.remote(directory) for w in self.workers], "save_checkpoint")
 
     def save_hf(self, directory: str) -> None:
-        ray.get([w.save_hf.remote(directory) for w in self.workers])
+        self._gather([w.save_hf.remote(directory) for w in self.workers], "save_hf")
 
     def load_checkpoint(self, directory: str) -> None:
-        ray.get([w.load_checkpoint.remote(directory) for w in self.workers])
+        self._gather([w.load_checkpoint.remote(directory) for w in self.workers], "load_checkpoint")
 
-    def shutdown(self) -> None:
-        ray.get([w.shutdown.remote() for w in self.workers])
-        for w in self.workers:
-            ray.kill(w)
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop every rank; never raises. Live ranks first leave their process group (unless a rank died: the
+        survivors may be blocked in a collective with it), then every actor is killed, dead or alive."""
+        workers, self.workers = self.workers, []
+        if not self.broken:
+            try:
+                done = [w.shutdown.remote() for w in workers]
+                ray.wait(done, num_returns=len(done), timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - a dead rank's request fails; it is killed below all the same
+                pass
+        for w in workers:
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001
+                pass
 
 
 class RolloutGroup:

@@ -87,6 +87,18 @@ def qwen_vl_shards_to_hf(qwen_config: Any, transformer_impl: str):
     return convert
 
 
+def optimizer_step_count(optimizer) -> float:
+    """Adam's step count as its state holds it (the largest over this rank's parameters; 0 before the first
+    step). Logged every step, so a resumed run whose restored counters drift from the uninterrupted one shows it."""
+    steps = [
+        float(state["step"])
+        for chained in getattr(optimizer, "chained_optimizers", [optimizer])
+        for state in chained.optimizer.state.values()
+        if "step" in state
+    ]
+    return max(steps, default=0.0)
+
+
 class PolicyWorker:
     def __init__(self, config: RunConfig, rank: int, world_size: int, with_reference: bool, with_critic: bool) -> None:
         self.config = config
@@ -209,6 +221,7 @@ class PolicyWorker:
         from megatron.core import parallel_state as ps
 
         metrics = self.engines[role].train_step(self._my_micro_batches(samples), loss_fn, lr)
+        metrics["optimizer_step"] = optimizer_step_count(self.engines[role].optimizer)
         if role == "critic":
             metrics = {("critic/" + k if not k.startswith("critic/") else k): v for k, v in metrics.items()}
         # Loss metrics are shares of global means: summing them over data-parallel ranks gives the step's value.
@@ -266,6 +279,10 @@ class PolicyWorker:
             specs = [TensorSpec(name, reader.spec(name).shape, dtype) for name in reader.names]
         tensors = ((name, tensor) for bucket in buckets for name, tensor in bucket)
         write_hf_checkpoint(directory, specs, tensors, template_dir=pretrain)
+
+    def pid(self) -> int:
+        """This rank's process id (the controller's fault injection, LMMRL_FAULT, kills it by it)."""
+        return os.getpid()
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> None:

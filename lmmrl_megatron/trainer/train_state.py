@@ -42,6 +42,10 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
     loader copies every tensor of a parameter's optimizer state from the checkpoint's tensors, which never hold
     `step` (it is stored once, per parameter group), and fails on it. The steps are restored by the first part;
     they are set aside while the second part copies parameters and moments.
+
+    megatron-core 0.19.2's first part hands every parameter the *same* step tensor, and torch's Adam increments
+    `state["step"]` in place once per parameter: after a resume the shared counter would run ahead by the number
+    of parameters at every optimizer step (and with it Adam's bias correction). Each parameter gets its own copy.
     """
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     parts = [state] if len(chained) == 1 else [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
@@ -51,7 +55,8 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
         assert part.pop("param_state_sharding_type") == "fully_reshardable"
         dist_optimizer.load_state_dict(part)  # param groups, steps; no 'param_state': parameters untouched
         inner = dist_optimizer.optimizer.state
-        steps = {param: moments.pop("step") for param, moments in inner.items() if "step" in moments}
+        # One tensor per parameter (see above): clone, never share.
+        steps = {param: moments.pop("step").detach().clone() for param, moments in inner.items() if "step" in moments}
         try:
             dist_optimizer.load_parameter_state_from_fully_reshardable(param_state)
         finally:
@@ -75,8 +80,22 @@ def _sharded_state(engine: MegatronEngine, is_loading: bool) -> dict:
     return state
 
 
+def _in_process_results_queue() -> None:
+    """Megatron's file writer passes its write results through a queue that a `multiprocessing.Manager` serves:
+    a spawned server process (~0.7 GB) per rank that nothing stops when the rank is killed. A synchronous save
+    only passes results within this process, so an in-process queue does the same without the extra process."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_train_state(directory: Path, engines: Mapping[str, MegatronEngine]) -> None:
     from megatron.core import dist_checkpointing
+
+    _in_process_results_queue()
 
     for role, engine in engines.items():
         if engine.optimizer is None:

@@ -35,10 +35,41 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
     (staging / "weights.txt").write_text("half-writ")  # the process dies here: no commit
     assert manager.latest().name == "step_00000010"
     assert manager.resolve_resume("auto").name == "step_00000010"
-    # The next save of the same step clears the debris and commits cleanly.
-    save(manager, 20, "whole")
+    # The next save, of any step, clears the debris and commits cleanly.
+    save(manager, 30, "whole")
     assert (manager.latest() / "weights.txt").read_text() == "whole"
     assert not manager.staging_dir(20).exists()
+    assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step_00000010", "step_00000030"]
+
+
+def test_debris_is_removed_at_start(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt")
+    save(manager, 1, "a")
+    manager.stage(2)
+    (manager.root / ".trash-step_00000000-123").mkdir()
+    (manager.root / ".latest.tmp-123").write_text("x")
+    manager.remove_debris()
+    assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step_00000001"]
+
+
+def test_a_kill_between_rename_and_latest_loses_no_step(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt")
+    save(manager, 1, "a")
+    staging = manager.stage(2)
+    (staging / "weights.txt").write_text("b")
+    (staging / "COMPLETE").write_text("{}")
+    staging.rename(manager.root / "step_00000002")  # commit's rename, then the process dies: `latest` says step 1
+    assert (manager.root / "latest").read_text().strip() == "step_00000001"
+    assert manager.resolve_resume("auto").name == "step_00000002"
+
+
+def test_replacing_a_step_never_leaves_a_half_deleted_complete_one(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=1)
+    save(manager, 1, "old")
+    save(manager, 1, "new")  # re-saving a step (after resuming from it): the old copy leaves by a rename first
+    save(manager, 2, "next")  # pruning too
+    assert [p.name for p in manager.committed()] == ["step_00000002"]
+    assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step_00000002"]
 
 
 def test_stale_latest_pointer_falls_back_to_newest_complete(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
-"""End-to-end RL through Ray on CPU: every estimator, TP and PP actors, both placements, resume, weight sync.
+"""End-to-end RL through Ray on CPU: every estimator, TP and PP actors, both placements, weight sync.
 
 Each run is the real thing at toy size: a local Ray cluster, Megatron-Core policy ranks on gloo, the Hugging Face
-rollout engine, the reward pool, checkpoints. One Ray cluster serves the whole module.
+rollout engine, the reward pool, checkpoints. One Ray cluster serves the whole module; resuming and recovery are
+tested in test_recovery.py.
 """
 
 from __future__ import annotations
@@ -14,74 +15,14 @@ import pytest
 import torch
 
 from lmmrl_megatron.config import RunConfig, load_config
-from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
+from tests.trainer.e2e import REPO, make_config, run
 
-pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 REQUIRED_KEYS = (
     "reward/mean", "reward/std", "response_length/mean", "kl", "entropy", "policy/clip_frac", "grad_norm",
     "time/generate", "time/reward", "time/logprob", "time/train", "time/sync",
     "reward/num_failures", "reward/num_timeouts", "reward/num_rejected",
 )
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    from lmmrl_megatron.data.synthetic import main as synthetic_main
-
-    root = tmp_path_factory.mktemp("e2e")
-    model = make_tiny_checkpoint("qwen2_5_vl", root / "model", seed=0)
-    default_model = make_tiny_checkpoint("qwen2_5_vl", root / "default_model", seed=0, text_head_dim=32)  # run_tiny.sh's
-    synthetic_main(["--task", "count_shapes", "--n", "64", "--out", str(root / "data"), "--seed", "0"])
-    synthetic_main(["--task", "color_of_shape", "--n", "256", "--out", str(root / "color"), "--seed", "0"])
-    return {
-        "root": root,
-        "model": model,
-        "default_model": default_model,
-        "data": root / "data" / "train.jsonl",
-        "test": root / "data" / "test.jsonl",
-        "color": root / "color" / "train.jsonl",
-    }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def make_config(assets: dict[str, Path], run_dir: Path, *overrides: str) -> RunConfig:
-    base = [
-        f"model.pretrain={assets['model']}",
-        f"data.prompt_data=[{assets['data']}]",
-        f"checkpoint.save_path={run_dir}",
-        "rollout.rollout_batch_size=4",
-        "rollout.n_samples_per_prompt=2",
-        "rollout.max_new_tokens=6",
-        "trainer.max_steps=2",
-        "trainer.train_batch_size=8",
-        "checkpoint.save_steps=0",
-        "logging.progress_bar=false",
-        "logging.use_tensorboard=false",
-        "eval.sets=[]",  # the embedded default's test split; the eval test below sets its own
-    ]
-    return load_config(RunConfig, REPO / "configs" / "rloo_tiny.yaml", base + list(overrides))
-
-
-def run(config: RunConfig) -> list[dict]:
-    from lmmrl_megatron.trainer.controller import RLTrainer
-
-    trainer = RLTrainer(config)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    path = Path(config.checkpoint.save_path) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def check_run(records: list[dict], num_steps: int) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.trainer.test_end_to_end import check_run, make_config, run  # noqa: E402
+from tests.trainer.e2e import make_config, run  # noqa: E402
+from tests.trainer.test_end_to_end import check_run  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
