@@ -51,7 +51,10 @@ def _bucket_metadata(views: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.T
     return buffer, metadata
 
 
-def sync_object_store(chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int) -> dict[str, float]:
+def _sync_from_first_rank(chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int, send, prepare=None) -> dict[str, float]:
+    """The frame of the transports whose sender is one replica's first rank: data-parallel rank 0 exports to it,
+    `prepare()` runs there once before the sync, `send(bucket)` hands each bucket to the engines and returns when
+    they have loaded it (the bucket's buffer is reused for the next one)."""
     import ray
     from megatron.core import parallel_state as ps
 
@@ -60,18 +63,28 @@ def sync_object_store(chunks, shards_to_hf: ShardsToHF, engines: list[Any], buck
     plan = plan_export(chunks, shards_to_hf, bucket_bytes)
     is_sender = ps.get_pipeline_model_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
     if is_sender:
+        if prepare is not None:
+            prepare()
         ray.get([engine.begin_weight_update.remote(_manifest(plan)) for engine in engines])
     num_tensors, num_bytes = 0, 0
     for bucket in export_hf_weights(chunks, shards_to_hf, bucket_bytes, receivers="first_rank", plan=plan):
-        # The bucket's tensors are views of a buffer reused for the next one: the engines must have them first.
-        ref = ray.put([(name, tensor.cpu()) for name, tensor in bucket])
-        ray.get([engine.update_weights.remote(ref) for engine in engines])
+        send(bucket)
         num_tensors += len(bucket)
         num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
     if not is_sender:
         return {}
     ray.get([engine.finish_weight_update.remote() for engine in engines])
     return {"sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes)}
+
+
+def sync_object_store(chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int) -> dict[str, float]:
+    import ray
+
+    def send(bucket) -> None:
+        ref = ray.put([(name, tensor.cpu()) for name, tensor in bucket])
+        ray.get([engine.update_weights.remote(ref) for engine in engines])
+
+    return _sync_from_first_rank(chunks, shards_to_hf, engines, bucket_bytes, send)
 
 
 def sync_cuda_ipc(chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int) -> dict[str, float]:
@@ -145,25 +158,15 @@ class BroadcastSender:
 
     def sync(self, chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int) -> dict[str, float]:
         import ray
-        from megatron.core import parallel_state as ps
 
-        if ps.get_data_parallel_rank() != 0:
-            return {}
-        plan = plan_export(chunks, shards_to_hf, bucket_bytes)
-        is_sender = ps.get_pipeline_model_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
-        if is_sender:
+        def prepare() -> None:
             if self.group is None:
                 self._form_group(engines, next(chunks[0].parameters()).device)
-            ray.get([engine.begin_weight_update.remote(_manifest(plan)) for engine in engines])
-        num_tensors, num_bytes = 0, 0
-        for bucket in export_hf_weights(chunks, shards_to_hf, bucket_bytes, receivers="first_rank", plan=plan):
+
+        def send(bucket) -> None:
             buffer, metadata = _bucket_metadata(bucket)
             receiving = [engine.update_weights_broadcast.remote(metadata, buffer.numel()) for engine in engines]
             self.group.broadcast(buffer, 0).wait()
             ray.get(receiving)
-            num_tensors += len(bucket)
-            num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        if not is_sender:
-            return {}
-        ray.get([engine.finish_weight_update.remote() for engine in engines])
-        return {"sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes)}
+
+        return _sync_from_first_rank(chunks, shards_to_hf, engines, bucket_bytes, send, prepare)
