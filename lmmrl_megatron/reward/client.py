@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lmmrl_megatron.reward.config import RewardConfig, split_remote_rm_url
-from lmmrl_megatron.reward.results import RewardBatchResult, RewardCounters
+from lmmrl_megatron.reward.results import RewardBatchResult, RewardCounters, check_batch_lengths, split_batch
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +91,8 @@ class RemoteRewardClient:
 
     def score(self, queries: list[str], prompts: list[str], labels: list[str] | None) -> RewardBatchResult:
         """Rewards for `queries[i]` (decoded prompt + response); `labels=None` lets the server look them up."""
-        if len(prompts) != len(queries) or (labels is not None and len(labels) != len(queries)):
-            raise ValueError(
-                f"score: {len(queries)} queries, {len(prompts)} prompts, "
-                f"{'no' if labels is None else len(labels)} labels: the lengths must match"
-            )
-        size = max(1, -(-len(queries) // len(self.urls)))
-        starts = range(0, len(queries), size) if queries else [0]
-        parts = [(index, start, min(start + size, len(queries))) for index, start in enumerate(starts)]
+        check_batch_lengths(queries, prompts, labels)
+        parts = [(index, start, end) for index, (start, end) in enumerate(split_batch(len(queries), len(self.urls)))]
 
         def score_part(part: tuple[int, int, int]) -> RewardBatchResult:
             index, start, end = part

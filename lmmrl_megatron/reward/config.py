@@ -27,8 +27,7 @@ class RewardFunctionConfig:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"reward.functions: name must be a non-empty string, got {self.name!r}")
         if self.name not in BUILTIN_REWARD_FUNCTIONS:
-            path, separator, function_name = self.name.rpartition(":")
-            if not separator or not path.endswith(".py") or not function_name.isidentifier():
+            if not is_file_function(self.name):
                 raise ValueError(
                     f"reward.functions: name {self.name!r} is neither a built-in "
                     f"({', '.join(BUILTIN_REWARD_FUNCTIONS)}) nor of the form 'path/to/file.py:function_name'"
@@ -123,10 +122,15 @@ class RewardConfig:
         return [function.weight for function in self.functions]
 
 
+def is_file_function(text: str) -> bool:
+    """Whether `text` is of the form `path/to/file.py:function_name`."""
+    path, separator, name = text.rpartition(":")
+    return bool(separator) and path.endswith(".py") and name.isidentifier()
+
+
 def is_function_path(text: str) -> bool:
     """Whether a `remote_rm_url` entry names a Python file (`x.py` or `x.py:function`) rather than a server."""
-    path, separator, name = text.rpartition(":")
-    return text.endswith(".py") or (bool(separator) and path.endswith(".py") and name.isidentifier())
+    return text.endswith(".py") or is_file_function(text)
 
 
 def split_remote_rm_url(value: str) -> tuple[list[str], str | None]:

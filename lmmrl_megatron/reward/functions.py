@@ -40,17 +40,24 @@ _CHOICE_PREFIX = re.compile(
     r"|^i\s+(?:would\s+)?(?:choose|pick|select|go\s+with)\s+",
     re.IGNORECASE,
 )
-# The letter alone: "B", "(B)", "[b]"; a lower-case letter only here ("a cat" is not A).
-_CHOICE_ALONE = re.compile(r"[(\[]?\s*([A-Za-z])\s*[)\]]?")
-# The letter, then the option's text: "(B) blue", "[b] blue", "B. 12 apples", "B) x = 3", "B: red", "B is right".
-_CHOICE_LEADING = re.compile(r"(?:[(\[]\s*([A-Za-z])\s*[)\]]|([A-Z])(?:[.):]|(?=\s)))(.*)", re.DOTALL)
-# Any other mention of a letter in what follows: "(C)", "[c]", a capital standing alone (not the article "A" or
-# the pronoun "I" before a word), or a lower-case letter after "or", "and", "/", ",", "&", "|", "+", ";".
-_CHOICE_MENTION = re.compile(
-    r"(?<![A-Za-z0-9])[(\[]\s*(?P<bracketed>[A-Za-z])\s*[)\]]"
-    r"|(?<![A-Za-z0-9\\])(?!(?:A|I)\s+[a-z])(?P<capital>[A-Z])(?![A-Za-z0-9'])"
-    r"|(?:\b(?:or|and|nor)\b|[/,;&|+])\s*(?P<joined>[a-z])(?![A-Za-z0-9'])"
+# The letter alone: "B", "(B)", "[b]", "{B}"; a lower-case letter only here ("a cat" is not A).
+_CHOICE_ALONE = re.compile(r"[(\[{]?\s*([A-Za-z])\s*[)\]}]?")
+# The letter, then the option's text: "(B) blue", "[b] blue", "B. 12 apples", "b) x = 3", "B: red", "B is right"
+# (a lower-case letter needs its bracket or its ".", ")", ":": "a cat" is not A).
+_CHOICE_LEADING = re.compile(
+    r"(?:[(\[{]\s*([A-Za-z])\s*[)\]}]|([A-Za-z])[.):]|([A-Z])(?=\s))(.*)", re.DOTALL
 )
+# A letter standing alone in the option's text: any capital, and the lower-case letters that options use (a-j;
+# x, y, n and the like are variables). A letter before "(" is a function (f(x)); see `_is_article` for "A", "I".
+_CHOICE_MENTION = re.compile(r"(?<![A-Za-z0-9\\])(?:(?P<capital>[A-Z])|(?P<small>[a-j]))(?![A-Za-z0-9(])")
+_NEXT_WORD = re.compile(r"\s+([a-z][a-z']*)")
+_JOINER_BEFORE = re.compile(r"(?:\b(?:or|and|nor|either|vs|versus)|[/,;&|+])\s*$")
+# Words after which "A" is a letter, not an article: "A is right", "A or C", "A might be".
+_LETTER_WORDS = frozenset(
+    "is are was were be being has have or and nor also too might may could would should can must will seems seem "
+    "looks look".split()
+)
+_CHOICE_NOISE = re.compile(r"[*`$'\"“”‘’]")
 # A word answer ("red", "two circles"): letters and spaces only, so it must be compared as text, not as a product
 # of symbols (math-verify would read "red" as r*e*d).
 _WORD_LABEL = re.compile(r"[A-Za-z][A-Za-z' -]*[A-Za-z]")
@@ -118,7 +125,7 @@ def choice_letter(answer: str) -> str | None:
     "B", "(b)", "Answer: B", "The answer is (B).", "B. 12 apples", "\\text{(B)}" name B. "A or B", "A/B", "AB",
     "(A) (B)", "either A or B", "A, B", "Option A or option B" name several; "a cat" names none.
     """
-    text = re.sub(r"[*`$]", "", _unwrap_text(answer)).strip()
+    text = _CHOICE_NOISE.sub("", _unwrap_text(answer)).strip()
     for _ in range(2):  # "Answer: option B"
         text = _CHOICE_PREFIX.sub("", text, count=1).strip()
     text = text.rstrip(" .!;")
@@ -128,11 +135,23 @@ def choice_letter(answer: str) -> str | None:
     leading = _CHOICE_LEADING.match(text)
     if leading is None:
         return None
-    letter = (leading.group(1) or leading.group(2)).upper()
-    for mention in _CHOICE_MENTION.finditer(leading.group(3)):
-        if next(group for group in mention.groups() if group is not None).upper() != letter:
+    letter = (leading.group(1) or leading.group(2) or leading.group(3)).upper()
+    rest = leading.group(4)
+    for mention in _CHOICE_MENTION.finditer(rest):
+        if mention.group().upper() != letter and not _is_article(rest, mention):
             return None
     return letter
+
+
+def _is_article(text: str, mention: re.Match[str]) -> bool:
+    """Whether an "A", "a" or "I" in an option's text is the article or the pronoun before a word ("B. A
+    triangle", "B. a cat", "B. I think so"), rather than a letter ("B. A is wrong", "B or A is right")."""
+    if mention.group() not in ("A", "a", "I"):
+        return False
+    following = _NEXT_WORD.match(text, mention.end())
+    if following is None or following.group(1) in _LETTER_WORDS:
+        return False
+    return _JOINER_BEFORE.search(text, 0, mention.start()) is None
 
 
 def _math_equal(predicted: str, gold: str, math_timeout_s: float | None) -> bool:

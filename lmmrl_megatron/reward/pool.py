@@ -205,9 +205,6 @@ class VerifierPool:
                 self._lock.notify(len(jobs))
         return futures
 
-    def submit(self, task: Task) -> Future[Outcome]:
-        return self.submit_batch([task])[0]
-
     def map(self, tasks: list[Task]) -> list[Outcome]:
         """Run all tasks across the workers; outcomes in task order."""
         return [future.result() for future in self.submit_batch(tasks)]

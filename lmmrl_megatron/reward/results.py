@@ -9,6 +9,21 @@ from lmmrl_megatron.reward.protocol import Outcome
 _MAX_KEPT_MESSAGES = 5
 
 
+def split_batch(length: int, num_parts: int) -> list[tuple[int, int]]:
+    """(start, end) of at most `num_parts` contiguous parts of nearly equal size covering `range(length)`
+    (one empty part for an empty batch), as OpenRLHF cuts a batch across its reward servers."""
+    size = max(1, -(-length // num_parts))
+    return [(start, min(start + size, length)) for start in range(0, length, size)] or [(0, 0)]
+
+
+def check_batch_lengths(queries: list[str], prompts: list[str], labels: list[str] | None) -> None:
+    if len(prompts) != len(queries) or (labels is not None and len(labels) != len(queries)):
+        raise ValueError(
+            f"score: {len(queries)} queries, {len(prompts)} prompts, "
+            f"{'no' if labels is None else len(labels)} labels: the lengths must match"
+        )
+
+
 @dataclass
 class RewardCounters:
     """Counts over one batch of reward-function calls (one call = one function on one sample, or one call of a

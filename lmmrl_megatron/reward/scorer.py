@@ -7,7 +7,7 @@ from concurrent.futures import Future
 from lmmrl_megatron.reward.config import BUILTIN_REWARD_FUNCTIONS, RewardConfig
 from lmmrl_megatron.reward.pool import VerifierPool
 from lmmrl_megatron.reward.protocol import BatchTask, Outcome, VerifyTask
-from lmmrl_megatron.reward.results import RewardBatchResult, RewardCounters
+from lmmrl_megatron.reward.results import RewardBatchResult, RewardCounters, check_batch_lengths, split_batch
 from lmmrl_megatron.reward.user_functions import load_batch_reward_function, load_reward_function
 
 
@@ -121,14 +121,12 @@ class BatchFunctionScorer:
         )
 
     def score(self, queries: list[str], prompts: list[str], labels: list[str] | None) -> RewardBatchResult:
-        if len(prompts) != len(queries) or (labels is not None and len(labels) != len(queries)):
-            raise ValueError(f"score: {len(queries)} queries, {len(prompts)} prompts and labels: lengths must match")
+        check_batch_lengths(queries, prompts, labels)
         labels = labels if labels is not None else [""] * len(queries)
-        size = max(1, -(-len(queries) // self.config.num_workers))
         tasks = [
-            BatchTask(tuple(queries[start : start + size]), tuple(prompts[start : start + size]),
-                      tuple(labels[start : start + size]))
-            for start in range(0, len(queries), size)
+            BatchTask(tuple(queries[start:end]), tuple(prompts[start:end]), tuple(labels[start:end]))
+            for start, end in split_batch(len(queries), self.config.num_workers)
+            if end > start
         ]
         counters = RewardCounters(num_samples=len(queries))
         rewards: list[float] = []

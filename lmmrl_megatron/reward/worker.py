@@ -19,6 +19,7 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from lmmrl_megatron.reward.protocol import (
@@ -85,7 +86,8 @@ def serve(connection: Connection) -> None:
         connection.send(run_task(task, functions, batch_function, start.timeout_s))
 
 
-def run_task(task: Task, functions: list, batch_function, timeout_s: float) -> Outcome:
+def run_task(task: Task, functions: list[Callable[..., object]], batch_function: Callable[..., object] | None,
+             timeout_s: float) -> Outcome:
     """One task under its real-time limit; whatever the function does becomes an outcome."""
     from lmmrl_megatron.reward.functions import AnswerRejected
     from lmmrl_megatron.reward.timelimits import TimeLimitExceeded, wall_time_limit

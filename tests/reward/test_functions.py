@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from lmmrl_megatron.reward.extract import extract_final_answer, find_boxed_contents, open_boxes
@@ -163,10 +165,58 @@ def test_one_letter_scores_one_in_every_spelling(answer: str) -> None:
         ("B or A", "A", 0.0),
         ("D. f(x) = 2", "D", 1.0),  # a function's argument is not an option
         ("D. point P", "D", 0.0),  # a lone capital in the option's text counts as a letter: the strict side
+        # "A" as a letter, not an article, after the letter named first: hedges all the same
+        ("B or A is right", "B", 0.0),
+        ("B. A is also possible", "B", 0.0),
+        ("B, or A", "B", 0.0),
+        ("B and A are both fine", "B", 0.0),
+        ("B or A triangle", "B", 0.0),
+        ("B) A might be", "B", 0.0),
+        ("B. I am sure", "B", 1.0),
     ],
 )
 def test_choice_letters_in_option_texts(answer: str, label: str, expected: float) -> None:
     assert accuracy_reward(think_answer(answer), label) == expected
+
+
+# Generated hedges: two letters in every pairing of these joiners and spellings (about 50,000 answers).
+JOINERS = [
+    " or ", " and ", ", ", ",", "/", " / ", "|", ";", " & ", "+", "-", " - ", "–", "\n", " ", "", " or maybe ",
+    " and/or ", " vs ", " versus ", " nor ", ", or ", " (or ", ". ", ": ", " then ", " also ", " plus ", " with ",
+    " \\lor ", " \\vee ", " \\text{ or } ", " \\& ", "\\quad ", " \\\\ ", "、", "，", " 或 ", "~", "=", " -> ",
+    " to ", " through ", " if not ", " rather than ", " instead of ", " > ", " not ",
+]
+SPELLINGS = [
+    "{}", "({})", "[{}]", "{}.", "{})", "**{}**", "$\\boxed{{{}}}$", "\\text{{{}}}", "\\textbf{{({})}}", "Option {}",
+    "choice {}", "'{}'", "\"{}\"", "`{}`", "<{}>", "{{{}}}", "{}:",
+]
+
+
+@pytest.mark.parametrize(("gold", "other"), [("A", "B"), ("B", "A"), ("A", "I"), ("D", "E")])
+def test_generated_hedges_all_score_zero(gold: str, other: str) -> None:
+    scored = []
+    for joiner, first, second in itertools.product(JOINERS, SPELLINGS, SPELLINGS[:6]):
+        for mine, theirs in ((gold, other), (gold.lower(), other.lower()), (gold, other.lower()), (gold.lower(), other)):
+            for answer in (first.format(mine) + joiner + second.format(theirs),
+                           first.format(theirs) + joiner + second.format(mine)):
+                if accuracy_reward(think_answer(answer), gold) != 0.0:
+                    scored.append(answer)
+    assert scored == []
+
+
+def test_generated_single_letters_all_score_one() -> None:
+    prefixes = ["", "The answer is ", "Answer: ", "The correct option is ", "Therefore, the answer is ", "I choose "]
+    texts = ["", ". 12 apples", ". A triangle", ": blue", ") x = 3", ". $\\frac{1}{2}$", ". 30°", ". The Eiffel Tower",
+             ". a cat", ". $y = 2x + 1$", ". I don't know", ". None of the above"]
+    missed = []
+    for prefix, spelling, text in itertools.product(prefixes, SPELLINGS[:10] + ["({}).", "**({})**"], texts):
+        if text and spelling in ("{}.", "{})", "{}:"):
+            continue  # "B.. 12 apples"
+        for letter in ("B", "b"):
+            answer = prefix + spelling.format(letter) + text
+            if accuracy_reward(think_answer(answer), "B") != 1.0:
+                missed.append(answer)
+    assert missed == []
 
 
 def test_choice_letter_names_one_letter_or_none() -> None:
