@@ -160,7 +160,7 @@ class Evaluator:
         samples: list[dict[str, Any]] = []
         num_failures = 0
         for chunk in _chunks(loader.each_prompt_once(), self.config.eval.batch_size):
-            prompts = [MultimodalPrompt(p.input_ids, p.pixel_values, p.image_grid_thw) for _, p in chunk]
+            prompts = [MultimodalPrompt.from_encoded(p) for _, p in chunk]
             outputs = generate(prompts, self.params)
             flat = [(i, prompt, j, out) for (i, prompt), group in zip(chunk, outputs) for j, out in enumerate(group)]
             responses = self.tokenizer.batch_decode([out.response_ids for *_, out in flat], skip_special_tokens=True)

@@ -27,6 +27,11 @@ class MultimodalPrompt:
     # The decoded images (PIL) behind pixel_values: engines that run their own image processor (vLLM) take these.
     images: Sequence[Any] | None = None
 
+    @classmethod
+    def from_encoded(cls, encoded: Any) -> "MultimodalPrompt":
+        """The engines' view of a `data.encode.EncodedPrompt`: its ids, processed images and the images."""
+        return cls(encoded.input_ids, encoded.pixel_values, encoded.image_grid_thw, encoded.images)
+
     def __post_init__(self) -> None:
         assert self.prompt_ids.dim() == 1, "prompt_ids must be a 1-D tensor of token ids"
         assert (self.pixel_values is None) == (self.image_grid_thw is None), "pixel_values and image_grid_thw go together"

@@ -123,7 +123,7 @@ class RLTrainer:
         # 1. Prompts, processed once (token ids, pixel values, image grids), reused for generation and training.
         batch = self.prompts.next_batch()
         encoded = batch.prompts
-        prompts = [MultimodalPrompt(p.input_ids, p.pixel_values, p.image_grid_thw, p.images) for p in encoded]
+        prompts = [MultimodalPrompt.from_encoded(p) for p in encoded]
 
         # 2. Generate n responses per prompt with the rollout engines' per-token log-probs.
         params = SamplingParams(
