@@ -146,8 +146,11 @@ class VLLMRolloutEngine:
             return []
         requests = [self._vllm_prompt(p) for p in prompts]
         # A seed per request, distinct across requests (vLLM seeds a request's n samples seed, seed + 1, ...): a
-        # prompt that appears twice must not get the same samples.
-        seeds = [None if params.seed is None else (params.seed << 24) + i * params.n for i in range(len(prompts))]
+        # prompt that appears twice must not get the same samples. Not on CPU: vLLM 0.26 rewinds a request's
+        # generator when a chunked prefill discards its token, which CPU generators refuse ("CPU Generator does
+        # not use offset"); there the engine's own seeded generator draws every sample.
+        seeded = params.seed is not None and self.on_gpu
+        seeds = [(params.seed << 24) + i * params.n if seeded else None for i in range(len(prompts))]
         sampling = [self._sampling_params(params, seed) for seed in seeds]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         results = []
