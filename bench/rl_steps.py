@@ -86,6 +86,7 @@ def main() -> None:
             f"trainer.train_batch_size={args.prompts * args.n}",
             "trainer.actor.lr=1e-6",
             "logging.progress_bar=false",
+            "eval.sets=[]",  # the benchmark times training steps; rloo_tiny.yaml evaluates on run_tiny.sh's data
             *overrides,
         ],
     )
@@ -102,14 +103,15 @@ def main() -> None:
         trainer.close()
         ray.shutdown()
     print(f"\nshape={args.shape} gpus={args.gpus} prompts={args.prompts} n={args.n} max_new_tokens={args.max_new_tokens}")
-    print("| step | " + " | ".join(f"{p} s" for p in PHASES) + " | total s | response tokens | sync GB |")
-    print("|" + " --- |" * (len(PHASES) + 4))
+    print("| step | " + " | ".join(f"{p} s" for p in PHASES) + " | total s | response tokens | sync GB | sync GB/s |")
+    print("|" + " --- |" * (len(PHASES) + 5))
     for r in records:
         times = [r.get(f"time/{p}", 0.0) for p in PHASES]
         num_tokens = r["response_length/mean"] * args.prompts * args.n
         print(
             f"| {r['step']} | " + " | ".join(f"{t:.2f}" for t in times)
-            + f" | {sum(times):.2f} | {num_tokens:.0f} | {r['sync/bytes'] / 1e9:.2f} |"
+            + f" | {sum(times):.2f} | {num_tokens:.0f} | {r['sync/bytes'] / 1e9:.2f}"
+            + f" | {r['sync/bytes'] / 1e9 / max(r.get('time/sync', 0.0), 1e-9):.1f} |"
         )
 
 

@@ -68,7 +68,9 @@ class RolloutConfig:
     # object_store (through Ray, via the host); auto: cuda_ipc colocated on GPUs, broadcast separate on GPUs,
     # object_store on CPU.
     weight_transport: Literal["auto", "cuda_ipc", "broadcast", "object_store"] = "auto"
-    weight_sync_bucket_mb: int = 512
+    # Size of the export's buckets. Each sync is about one round trip per bucket; with cuda_ipc every trainer GPU
+    # keeps two buffers of the largest bucket for the run (a tensor larger than this travels alone).
+    weight_sync_bucket_mb: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("num_engines", "engine_tp", "rollout_batch_size", "n_samples_per_prompt", "max_new_tokens"):

@@ -15,8 +15,10 @@ Memory: one bucket buffer per rank, plus one parameter's gathered shards and its
 parameter is being packed. A parameter whose Hugging Face tensors alone exceed `bucket_bytes` gets a bucket to
 itself (of its own size). Buckets hold parameters of one stage only.
 
-Nothing is cached between calls: every export reads the parameters as they are now, so a second export after
-another optimizer step sends the new values. Call it after the optimizer has finished writing the parameters
+No values are cached between calls: every export reads the parameters as they are now, so a second export after
+another optimizer step sends the new values. What may be kept is the plan (`plan_export`: names, shapes, byte
+offsets), which the weight sync computes once, and the bucket buffers (`buffer_for`), which it reuses so the
+engines open each buffer once. Call it after the optimizer has finished writing the parameters
 (with Megatron's overlapped parameter all-gather, force it first: `chunk.start_param_sync(force_sync=True)`).
 
 `save_hf_checkpoint` uses the same export to write a live model as a Hugging Face checkpoint (the trainer's
@@ -25,9 +27,10 @@ another optimizer step sends the new values. Call it after the optimizer has fin
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Protocol, Sequence
+from typing import Callable, Iterator, Literal, Protocol, Sequence
 
 import torch
 
@@ -35,6 +38,7 @@ from lmmrl_megatron.convert.hf_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, wr
 from lmmrl_megatron.convert.param_names import global_param_names
 
 Receivers = Literal["all_ranks", "first_rank"]
+_MAX_PENDING_COPIES = 128  # tensors per multi-tensor copy: bounds the mapping's temporaries kept alive meanwhile
 _ALIGN_BYTES = 16  # every tensor starts at a multiple of this in a bucket, so any dtype can view its bytes
 
 HFTensors = list[tuple[str, torch.Tensor]]
@@ -74,9 +78,19 @@ class BucketPlan:
     stage: int
     params: tuple[ParamExport, ...]
 
-    @property
+    @functools.cached_property
     def num_bytes(self) -> int:
         return sum(p.num_bytes for p in self.params)
+
+    @functools.cached_property
+    def offsets(self) -> tuple[int, ...]:
+        """Byte offset of each Hugging Face tensor in the bucket, in order (computed once: syncs reuse the plan)."""
+        offsets, offset = [], 0
+        for param in self.params:
+            for spec in param.hf_specs:
+                offsets.append(offset)
+                offset += _aligned(spec.num_bytes)
+        return tuple(offsets)
 
 
 def _aligned(num_bytes: int) -> int:
@@ -147,16 +161,16 @@ def _check_unique_names(buckets: Sequence[BucketPlan]) -> None:
 
 def _views(buffer: torch.Tensor, bucket: BucketPlan) -> HFTensors:
     """The bucket's Hugging Face tensors as views of its flat byte buffer."""
-    views, offset = [], 0
-    for param in bucket.params:
-        for spec in param.hf_specs:
-            piece = buffer[offset : offset + spec.num_bytes].view(spec.dtype).view(spec.shape)
-            views.append((spec.name, piece))
-            offset += _aligned(spec.num_bytes)
-    return views
+    specs = (spec for param in bucket.params for spec in param.hf_specs)
+    return [
+        (spec.name, buffer[offset : offset + spec.num_bytes].view(spec.dtype).view(spec.shape))
+        for spec, offset in zip(specs, bucket.offsets, strict=True)
+    ]
 
 
 def _gather_tp(param: torch.Tensor, group: torch.distributed.ProcessGroup, tp_size: int) -> list[torch.Tensor]:
+    if tp_size == 1:
+        return [param.detach()]
     shards = [torch.empty_like(param) for _ in range(tp_size)]
     torch.distributed.all_gather(shards, param.detach().contiguous(), group=group)
     return shards
@@ -178,15 +192,22 @@ class _StageView:
 
 
 def _fill_bucket(
-    buffer: torch.Tensor,
+    views: HFTensors,
     bucket: BucketPlan,
     model_chunks: Sequence[torch.nn.Module],
     shards_to_hf: ShardsToHF,
     view: _StageView,
 ) -> None:
-    """On the owning stage: gather each parameter over TP, map it to HF tensors, copy them into the buffer."""
+    """On the owning stage: gather each parameter over TP, map it to HF tensors, copy them into the buffer.
+
+    Without TP the mapping's outputs are views of the parameters (or small temporaries of the qkv / gate-up
+    splits), so they are copied by multi-tensor copies of up to 128 tensors instead of a launch per tensor; with TP
+    each parameter's gathered shards are copied and dropped before the next one is gathered (one parameter's
+    shards alive at a time). A strided output (a slice the mapping did not copy) is copied on its own."""
     params = [dict(_unwrap(chunk).named_parameters()) for chunk in model_chunks]
-    targets = iter(_views(buffer, bucket))
+    targets = iter(views)
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
     for export in bucket.params:
         param = params[export.chunk][export.local_name]
         is_split = _tp_split_dim(param) is not None
@@ -196,8 +217,17 @@ def _fill_bucket(
             target_name, target = next(targets)
             same = name == spec.name == target_name and tuple(tensor.shape) == spec.shape and tensor.dtype == spec.dtype
             assert same, f"the mapping gave {name} {tuple(tensor.shape)} {tensor.dtype} where the plan has {spec}"
-            target.copy_(tensor)
+            if tensor.is_contiguous():
+                dsts.append(target)
+                srcs.append(tensor)
+            else:  # one strided tensor would send the whole multi-tensor copy down its per-tensor path
+                target.copy_(tensor)
+        if view.tp_size > 1 or len(dsts) >= _MAX_PENDING_COPIES:
+            torch._foreach_copy_(dsts, srcs)
+            dsts, srcs = [], []
         del shards, hf  # the gathered parameter goes before the next one is gathered
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)
 
 
 def plan_export(
@@ -219,24 +249,31 @@ def export_hf_weights(
     bucket_bytes: int,
     receivers: Receivers = "all_ranks",
     plan: list[BucketPlan] | None = None,
+    buffer_for: Callable[[int], torch.Tensor] | None = None,
 ) -> Iterator[HFTensors]:
     """Yield the model's Hugging Face tensors in buckets; see the module docstring for who must call it.
 
     `plan` (from `plan_export`, same arguments) may be passed when the caller needs the names up front; it holds
-    no values, so reusing it across exports cannot send stale weights.
+    no values, so reusing it across exports cannot send stale weights. `buffer_for(i)` may give the flat uint8
+    buffer (at least the bucket's size) that bucket i is packed into; by default each bucket gets a new one.
     """
     view = _StageView()
     device = next(_unwrap(model_chunks[0]).parameters()).device
     buckets = plan if plan is not None else plan_export(model_chunks, shards_to_hf, bucket_bytes)
     is_first_rank = view.stage == 0 and view.tp_rank == 0
-    for bucket in buckets:
-        buffer = torch.empty(bucket.num_bytes, dtype=torch.uint8, device=device)
+    for index, bucket in enumerate(buckets):
+        if buffer_for is None:
+            buffer = torch.empty(bucket.num_bytes, dtype=torch.uint8, device=device)
+        else:
+            buffer = buffer_for(index)[: bucket.num_bytes]
+            assert buffer.dtype == torch.uint8 and buffer.numel() == bucket.num_bytes, "buffer_for gave too small a buffer"
+        views = _views(buffer, bucket)
         if view.stage == bucket.stage:
-            _fill_bucket(buffer, bucket, model_chunks, shards_to_hf, view)
+            _fill_bucket(views, bucket, model_chunks, shards_to_hf, view)
         if receivers == "all_ranks":
             if view.pp_size > 1:
                 torch.distributed.broadcast(buffer, src=view.pp_ranks[bucket.stage], group=view.pp_group)
-            yield _views(buffer, bucket)
+            yield views
         else:
             if bucket.stage != 0 and view.tp_rank == 0:
                 if view.stage == bucket.stage:
@@ -244,8 +281,8 @@ def export_hf_weights(
                 elif view.stage == 0:
                     torch.distributed.recv(buffer, src=view.pp_ranks[bucket.stage], group=view.pp_group)
             if is_first_rank:
-                yield _views(buffer, bucket)
-        del buffer
+                yield views
+        del buffer, views
 
 
 def save_hf_checkpoint(

@@ -66,7 +66,7 @@ class TensorSpec:
         num_elements = 1
         for size in self.shape:
             num_elements *= size
-        return num_elements * torch.empty((), dtype=self.dtype).element_size()
+        return num_elements * self.dtype.itemsize
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 
 from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
 from lmmrl_megatron.rollout.broadcast import GroupAddress, join_group, receive_bucket
-from lmmrl_megatron.rollout.ipc import BucketMetadata, device_uuid, open_ipc_bucket
+from lmmrl_megatron.rollout.ipc import BucketMetadata, IpcBuffers, device_uuid, open_ipc_bucket
 
 
 def _params_by_checkpoint_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -54,6 +54,7 @@ class HFRolloutEngine:
         self._asleep = False
         self._manifest: set[str] | None = None  # names the sync in progress must deliver
         self._received: set[str] = set()
+        self._ipc_buffers = IpcBuffers()  # the trainer's reused bucket buffers, opened once
 
     # -- generation -------------------------------------------------------------------------------------------
     def _collate(self, prompts: Sequence[MultimodalPrompt], n: int) -> dict[str, torch.Tensor]:
@@ -141,9 +142,9 @@ class HFRolloutEngine:
             num_loaded += 1
         return num_loaded
 
-    def update_weights_ipc(self, handles: dict[str, Any], metadata: BucketMetadata) -> int:
+    def update_weights_ipc(self, handles: dict[str, Any], metadata: BucketMetadata, slot: int | None = None) -> int:
         """One bucket shared by CUDA IPC (engines colocated with the trainer); see `rollout/ipc.py`."""
-        num_loaded = self.update_weights(open_ipc_bucket(handles, metadata, self.device))
+        num_loaded = self.update_weights(open_ipc_bucket(handles, metadata, self.device, slot, self._ipc_buffers))
         torch.cuda.current_stream().synchronize()
         return num_loaded
 

@@ -188,10 +188,11 @@ class VLLMRolloutEngine:
         bucket = list(named_tensors)
         return self.llm.collective_rpc("lmmrl_load_tensors", args=(bucket,))[0]
 
-    def update_weights_ipc(self, handles: dict[str, Any], metadata: BucketMetadata) -> int:
+    def update_weights_ipc(self, handles: dict[str, Any], metadata: BucketMetadata, slot: int | None = None) -> int:
         """Load one bucket shared by CUDA IPC: `handles` maps a GPU's UUID to the handle of the bucket's byte
-        buffer on that GPU; `metadata` gives (name, dtype, shape, byte offset) of each tensor in it."""
-        return self.llm.collective_rpc("lmmrl_load_ipc_bucket", args=(handles, metadata))[0]
+        buffer on that GPU; `metadata` gives (name, dtype, shape, byte offset) of each tensor in it. A `slot`
+        names a buffer the sender reuses across buckets and syncs: the workers keep it open."""
+        return self.llm.collective_rpc("lmmrl_load_ipc_bucket", args=(handles, metadata, slot))[0]
 
     def join_broadcast_group(self, address: GroupAddress, first_rank: int) -> None:
         """Every TP worker joins the trainer's broadcast group (engines on GPUs of their own)."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lmmrl_megatron.rollout.broadcast import GroupAddress, join_group, receive_bucket
-from lmmrl_megatron.rollout.ipc import BucketMetadata, device_uuid, open_ipc_bucket
+from lmmrl_megatron.rollout.ipc import BucketMetadata, IpcBuffers, device_uuid, open_ipc_bucket
 
 
 class WeightReceiver:
@@ -54,9 +54,13 @@ class WeightReceiver:
             bucket = [(name, tensor.clone()) for name, tensor in bucket]
         return self._lmmrl_load(bucket)
 
-    def lmmrl_load_ipc_bucket(self, handles: dict[str, Any], metadata: BucketMetadata) -> int:
-        """Open the sender's bucket buffer on this GPU by CUDA IPC and load the tensors it holds."""
-        num_loaded = self._lmmrl_load(open_ipc_bucket(handles, metadata, self.device))
+    def lmmrl_load_ipc_bucket(self, handles: dict[str, Any], metadata: BucketMetadata, slot: int | None = None) -> int:
+        """Open the sender's bucket buffer on this GPU by CUDA IPC (once per slot the sender reuses) and load the
+        tensors it holds."""
+        if not hasattr(self, "_lmmrl_ipc_buffers"):
+            self._lmmrl_ipc_buffers = IpcBuffers()
+        bucket = open_ipc_bucket(handles, metadata, self.device, slot, self._lmmrl_ipc_buffers)
+        num_loaded = self._lmmrl_load(bucket)
         torch.cuda.current_stream().synchronize()  # the sender frees or refills the buffer once this returns
         return num_loaded
 

@@ -110,7 +110,7 @@ class PolicyWorker:
         self.device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")  # Ray shows one GPU
         self.engines: dict[Role, MegatronEngine] = {}
         self.actor_chunks: list[torch.nn.Module] = []
-        self.broadcast_sender = None  # the broadcast transport's group, formed at the first sync that needs it
+        self.weight_sender = None  # the weight-sync transport's sender (trainer/weight_sync.py), made at the first sync
 
     # -- setup --------------------------------------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
@@ -245,17 +245,15 @@ class PolicyWorker:
     def push_weights(self, engines: list[Any]) -> dict[str, float]:
         """Send the actor's weights, in Hugging Face names and layout, to every rollout engine, bucket by bucket,
         through the configured transport (`trainer/weight_sync.py`); every rank takes part."""
-        from lmmrl_megatron.trainer.weight_sync import BroadcastSender, choose_transport, sync_cuda_ipc, sync_object_store
+        from lmmrl_megatron.trainer.weight_sync import BroadcastSender, CudaIpcSender, ObjectStoreSender, choose_transport
 
         rollout = self.config.rollout
-        transport = choose_transport(rollout.weight_transport, self.use_gpu, self.config.trainer.colocate_all_models)
-        if transport == "broadcast":
-            if self.broadcast_sender is None:
-                self.broadcast_sender = BroadcastSender(rollout.engine_tp)
-            sync = self.broadcast_sender.sync
-        else:
-            sync = sync_cuda_ipc if transport == "cuda_ipc" else sync_object_store
-        return sync(self.actor_chunks, self.shards_to_hf, engines, rollout.weight_sync_bucket_mb * 2**20)
+        if self.weight_sender is None:  # kept for the run: its plan, buffers and groups are made at the first sync
+            transport = choose_transport(rollout.weight_transport, self.use_gpu, self.config.trainer.colocate_all_models)
+            senders = {"broadcast": lambda: BroadcastSender(rollout.engine_tp), "cuda_ipc": CudaIpcSender,
+                       "object_store": ObjectStoreSender}
+            self.weight_sender = senders[transport]()
+        return self.weight_sender.sync(self.actor_chunks, self.shards_to_hf, engines, rollout.weight_sync_bucket_mb * 2**20)
 
     def save_hf(self, directory: str) -> None:
         """Write the actor as a Hugging Face checkpoint (sharded safetensors + the pretrained model's config,

@@ -11,7 +11,10 @@ checks it received every tensor the plan names, exactly once, and drops caches b
   their own (`rollout/broadcast.py`, NCCL or gloo); each bucket is broadcast once from the sender's buffer.
 - `cuda_ipc`: engines colocated with the trainer on the same GPUs. Every replica exports with the bucket
   broadcast to all its ranks, so each GPU holds each bucket; each rank shares its bucket buffer by CUDA IPC and
-  the engine worker on that GPU reads it in place: no host copy, no object store.
+  the engine worker on that GPU reads it in place: no host copy, no object store. The buffers are kept across
+  syncs, so each engine worker opens them once.
+
+Every sender keeps the export plan of its first sync (`_CachedPlan`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from lmmrl_megatron.convert.export import ShardsToHF, export_hf_weights, plan_export
+from lmmrl_megatron.convert.export import BucketPlan, ShardsToHF, export_hf_weights, plan_export
 from lmmrl_megatron.rollout.ipc import device_uuid
 
 Transport = Literal["cuda_ipc", "broadcast", "object_store"]
@@ -38,10 +41,6 @@ def choose_transport(requested: str, use_gpu: bool, colocated: bool) -> Transpor
     return requested  # type: ignore[return-value]
 
 
-def _manifest(plan) -> list[str]:
-    return [spec.name for bucket in plan for param in bucket.params for spec in param.hf_specs]
-
-
 def _bucket_metadata(views: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list[tuple[str, str, tuple[int, ...], int]]]:
     """The flat byte buffer under a bucket's views, and each view's (name, dtype, shape, byte offset) in it."""
     storage = views[0][1].untyped_storage()
@@ -51,7 +50,28 @@ def _bucket_metadata(views: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.T
     return buffer, metadata
 
 
-def _sync_from_first_rank(chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int, send, prepare=None) -> dict[str, float]:
+class _CachedPlan:
+    """The export plan, made once: names, shapes and byte offsets never change during a run (the values are read
+    afresh at every export). Planning runs the mapping on meta tensors for every parameter and gathers over the PP
+    group: on a 3B model that costs as much host time as filling the buckets, so no sync after the first pays it."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, ...] | None = None
+        self.plan: list[BucketPlan] = []
+        self.manifest: list[str] = []
+
+    def get(self, chunks, shards_to_hf: ShardsToHF, bucket_bytes: int) -> list[BucketPlan]:
+        key = (bucket_bytes, *(id(chunk) for chunk in chunks))
+        if key != self._key:
+            self.plan = plan_export(chunks, shards_to_hf, bucket_bytes)
+            self.manifest = [spec.name for bucket in self.plan for param in bucket.params for spec in param.hf_specs]
+            self._key = key
+        return self.plan
+
+
+def _sync_from_first_rank(
+    plans: _CachedPlan, chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int, send, prepare=None
+) -> dict[str, float]:
     """The frame of the transports whose sender is one replica's first rank: data-parallel rank 0 exports to it,
     `prepare()` runs there once before the sync, `send(bucket)` hands each bucket to the engines and returns when
     they have loaded it (the bucket's buffer is reused for the next one)."""
@@ -60,12 +80,12 @@ def _sync_from_first_rank(chunks, shards_to_hf: ShardsToHF, engines: list[Any], 
 
     if ps.get_data_parallel_rank() != 0:
         return {}
-    plan = plan_export(chunks, shards_to_hf, bucket_bytes)
+    plan = plans.get(chunks, shards_to_hf, bucket_bytes)
     is_sender = ps.get_pipeline_model_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
     if is_sender:
         if prepare is not None:
             prepare()
-        ray.get([engine.begin_weight_update.remote(_manifest(plan)) for engine in engines])
+        ray.get([engine.begin_weight_update.remote(plans.manifest) for engine in engines])
     num_tensors, num_bytes = 0, 0
     for bucket in export_hf_weights(chunks, shards_to_hf, bucket_bytes, receivers="first_rank", plan=plan):
         send(bucket)
@@ -77,63 +97,91 @@ def _sync_from_first_rank(chunks, shards_to_hf: ShardsToHF, engines: list[Any], 
     return {"sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes)}
 
 
-def sync_object_store(chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int) -> dict[str, float]:
-    import ray
+class ObjectStoreSender:
+    def __init__(self) -> None:
+        self.plans = _CachedPlan()
 
-    def send(bucket) -> None:
-        ref = ray.put([(name, tensor.cpu()) for name, tensor in bucket])
-        ray.get([engine.update_weights.remote(ref) for engine in engines])
+    def sync(self, chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int) -> dict[str, float]:
+        import ray
 
-    return _sync_from_first_rank(chunks, shards_to_hf, engines, bucket_bytes, send)
+        def send(bucket) -> None:
+            ref = ray.put([(name, tensor.cpu()) for name, tensor in bucket])
+            ray.get([engine.update_weights.remote(ref) for engine in engines])
+
+        return _sync_from_first_rank(self.plans, chunks, shards_to_hf, engines, bucket_bytes, send)
 
 
-def sync_cuda_ipc(chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int) -> dict[str, float]:
-    """Collective over every trainer rank; global rank 0 drives the engines.
+class CudaIpcSender:
+    """Colocated engines read the trainer's bucket buffers in place. Collective over every trainer rank; global
+    rank 0 drives the engines.
 
-    Two buckets are alive at a time: the engines read bucket i while the ranks fill bucket i + 1, and a rank lets
-    bucket i go only after every engine has loaded it (a barrier after rank 0 has seen them finish)."""
-    import ray
-    from torch.multiprocessing.reductions import reduce_tensor
+    Two buffers per rank (slots), each the size of the largest bucket, are allocated at the first sync and kept:
+    bucket i is filled into slot i % 2, so the engines read bucket i while the ranks fill bucket i + 1, and each
+    engine worker opens a slot's CUDA IPC handle once for the whole run (`rollout/ipc.py` keeps it open). Handles
+    are exchanged only when a slot is (re)allocated. A rank refills a slot only after every engine has loaded the
+    bucket in it (rank 0 waits for the loads, then a barrier). The slots hold 2 x the largest bucket of GPU memory
+    for the run: what the caching allocator held after each sync before they were kept."""
 
-    is_driver = torch.distributed.get_rank() == 0
-    uuid = device_uuid(torch.device("cuda", torch.cuda.current_device()))
-    plan = plan_export(chunks, shards_to_hf, bucket_bytes)
-    if is_driver:
-        ray.get([engine.begin_weight_update.remote(_manifest(plan)) for engine in engines])
-    num_tensors, num_bytes, export_s, wait_s = 0, 0, 0.0, 0.0
-    buckets = export_hf_weights(chunks, shards_to_hf, bucket_bytes, receivers="all_ranks", plan=plan)
-    in_flight: list[Any] = []  # the engines' loads of the previous bucket
-    previous = None  # that bucket's views: they keep its buffer alive until the loads are done
-    while True:
-        start = time.perf_counter()
-        bucket = next(buckets, None)
-        export_s += time.perf_counter() - start
-        if previous is not None:
-            start = time.perf_counter()
-            ray.get(in_flight)
-            wait_s += time.perf_counter() - start
-            torch.distributed.barrier()  # no rank frees its buffer before every engine has read it
-            previous, in_flight = None, []
-        if bucket is None:
-            break
-        buffer, metadata = _bucket_metadata(bucket)
-        torch.cuda.current_stream().synchronize()  # the bucket is complete before another process reads it
-        handles: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(handles, (uuid, reduce_tensor(buffer)[1]))
+    NUM_SLOTS = 2
+
+    def __init__(self) -> None:
+        self.plans = _CachedPlan()
+        self.slots: list[torch.Tensor] = []
+        self.handles: list[dict[str, Any]] = []  # per slot: GPU UUID -> that rank's handle of the slot
+
+    def _ensure_slots(self, plan: list[BucketPlan], device: torch.device) -> None:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        size = max(bucket.num_bytes for bucket in plan)
+        if self.slots and self.slots[0].numel() >= size:
+            return
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(self.NUM_SLOTS)]
+        uuid = device_uuid(device)
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, [(uuid, reduce_tensor(slot)[1]) for slot in self.slots])
+        self.handles = [{rank_slots[i][0]: rank_slots[i][1] for rank_slots in gathered} for i in range(self.NUM_SLOTS)]
+
+    def sync(self, chunks, shards_to_hf: ShardsToHF, engines: list[Any], bucket_bytes: int) -> dict[str, float]:
+        import ray
+
+        is_driver = torch.distributed.get_rank() == 0
+        plan = self.plans.get(chunks, shards_to_hf, bucket_bytes)
+        self._ensure_slots(plan, torch.device("cuda", torch.cuda.current_device()))
         if is_driver:
-            by_gpu = dict(handles)
-            in_flight = [engine.update_weights_ipc.remote(by_gpu, metadata) for engine in engines]
-            num_tensors += len(bucket)
-            num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        previous = bucket
-        del buffer
-    if not is_driver:
-        return {}
-    ray.get([engine.finish_weight_update.remote() for engine in engines])
-    return {
-        "sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes),
-        "sync/export_s": export_s, "sync/engine_wait_s": wait_s,
-    }
+            ray.get([engine.begin_weight_update.remote(self.plans.manifest) for engine in engines])
+        num_tensors, num_bytes, export_s, wait_s = 0, 0, 0.0, 0.0
+        buckets = export_hf_weights(
+            chunks, shards_to_hf, bucket_bytes, receivers="all_ranks", plan=plan,
+            buffer_for=lambda index: self.slots[index % self.NUM_SLOTS],
+        )
+        in_flight: list[Any] = []  # the engines' loads of the previous bucket
+        for index in range(len(plan) + 1):
+            start = time.perf_counter()
+            bucket = next(buckets, None)
+            export_s += time.perf_counter() - start
+            if index > 0:
+                start = time.perf_counter()
+                ray.get(in_flight)
+                wait_s += time.perf_counter() - start
+                torch.distributed.barrier()  # no rank refills a slot before every engine has read it
+                in_flight = []
+            if bucket is None:
+                break
+            _, metadata = _bucket_metadata(bucket)
+            torch.cuda.current_stream().synchronize()  # the bucket is complete before another process reads it
+            if is_driver:
+                slot = index % self.NUM_SLOTS
+                in_flight = [engine.update_weights_ipc.remote(self.handles[slot], metadata, slot) for engine in engines]
+                num_tensors += len(bucket)
+                num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        assert next(buckets, None) is None
+        if not is_driver:
+            return {}
+        ray.get([engine.finish_weight_update.remote() for engine in engines])
+        return {
+            "sync/num_tensors": float(num_tensors), "sync/bytes": float(num_bytes),
+            "sync/export_s": export_s, "sync/engine_wait_s": wait_s,
+        }
 
 
 class BroadcastSender:
@@ -142,6 +190,7 @@ class BroadcastSender:
     def __init__(self, engine_tp: int) -> None:
         self.engine_tp = engine_tp
         self.group = None
+        self.plans = _CachedPlan()
 
     def _form_group(self, engines: list[Any], device: torch.device) -> None:
         import ray
@@ -169,4 +218,4 @@ class BroadcastSender:
             self.group.broadcast(buffer, 0).wait()
             ray.get(receiving)
 
-        return _sync_from_first_rank(chunks, shards_to_hf, engines, bucket_bytes, send, prepare)
+        return _sync_from_first_rank(self.plans, chunks, shards_to_hf, engines, bucket_bytes, send, prepare)

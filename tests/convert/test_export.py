@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from lmmrl_megatron.convert.export import BucketPlan, ParamExport, export_hf_weights, plan_buckets
+from lmmrl_megatron.convert.export import BucketPlan, ParamExport, export_hf_weights, plan_buckets, plan_export
 from lmmrl_megatron.convert.hf_io import TensorSpec
 from lmmrl_megatron.parallel.local_ranks import run_distributed
 from tests.convert.gpt_fixture import (
@@ -28,11 +28,20 @@ from tests.convert.gpt_fixture import (
 BUCKET_BYTES = 6000  # smaller than the 60 x 32 fp32 embedding (7680 bytes): it must travel alone
 
 
-def _collect(model, tied: bool, receivers: str) -> dict[str, object]:
+def _collect(model, tied: bool, receivers: str, reuse: dict | None = None) -> dict[str, object]:
+    """One export's HF state. With `reuse`, the weight sync's way: one plan for every export and two buffers
+    (slots) that the buckets take in turn, kept across exports."""
     mapping = functools.partial(gpt_shards_to_hf, tied=tied)
     state: dict[str, torch.Tensor] = {}
     buckets: list[tuple[list[str], int]] = []
-    for bucket in export_hf_weights([model], mapping, bucket_bytes=BUCKET_BYTES, receivers=receivers):
+    extra = {}
+    if reuse is not None:
+        if "plan" not in reuse:
+            reuse["plan"] = plan_export([model], mapping, BUCKET_BYTES)
+            size = max(bucket.num_bytes for bucket in reuse["plan"])
+            reuse["slots"] = [torch.full((size,), 255, dtype=torch.uint8) for _ in range(2)]
+        extra = dict(plan=reuse["plan"], buffer_for=lambda index: reuse["slots"][index % 2])
+    for bucket in export_hf_weights([model], mapping, bucket_bytes=BUCKET_BYTES, receivers=receivers, **extra):
         names = [name for name, _ in bucket]
         assert not set(names) & set(state), "a tensor was exported twice"
         # numpy, not torch: tensors returned from a worker travel through shared memory that dies with the worker
@@ -41,13 +50,14 @@ def _collect(model, tied: bool, receivers: str) -> dict[str, object]:
     return {"state": state, "buckets": buckets}
 
 
-def export_after_updates(tied: bool, salts: list[str], receivers: str) -> list[dict[str, object]]:
+def export_after_updates(tied: bool, salts: list[str], receivers: str, reuse: bool = False) -> list[dict[str, object]]:
     """Worker: export once per salt, each time after overwriting every parameter in place with that salt's model."""
     model = build_gpt(tied=tied)
     exports = []
+    kept: dict | None = {} if reuse else None
     for salt in salts:
         init_by_global_name(model, salt=salt)
-        exports.append(_collect(model, tied, receivers))
+        exports.append(_collect(model, tied, receivers, kept))
     return exports
 
 
@@ -62,9 +72,12 @@ def _assert_equal_states(got: dict[str, object], want: dict[str, torch.Tensor]) 
     [(1, 1, False), (2, 1, True), (1, 2, True), (2, 2, False)],
     ids=["tp1pp1", "tp2-tied", "pp2-tied", "tp2pp2"],
 )
-def test_every_rank_receives_the_hf_state_dict_and_new_values_after_each_update(tp: int, pp: int, tied: bool) -> None:
+@pytest.mark.parametrize("reuse", [False, True], ids=["fresh", "kept-plan-and-slots"])
+def test_every_rank_receives_the_hf_state_dict_and_new_values_after_each_update(
+    tp: int, pp: int, tied: bool, reuse: bool
+) -> None:
     salts = ["", "update 1", "update 2"]
-    results = run_distributed(export_after_updates, tp * pp, tp, pp, args=(tied, salts, "all_ranks"))
+    results = run_distributed(export_after_updates, tp * pp, tp, pp, args=(tied, salts, "all_ranks", reuse))
     for rank_exports in results:
         for salt, export in zip(salts, rank_exports):
             want = reference_hf_state(tied=tied, salt=salt)
