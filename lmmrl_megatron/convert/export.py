@@ -28,7 +28,7 @@ engines open each buffer once. Call it after the optimizer has finished writing 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Protocol, Sequence
 
@@ -77,6 +77,11 @@ class BucketPlan:
 
     stage: int
     params: tuple[ParamExport, ...]
+    # global name -> (the parameter's data pointer, the mapping's outputs), for parameters whose outputs are all
+    # views of the parameter itself (see `_hf_tensors`); filled by the first export that uses this plan
+    view_cache: dict[str, tuple[int, HFTensors]] = field(default_factory=dict, compare=False, repr=False)
+    # a kept buffer's data pointer -> this bucket's views of it (`views_in`)
+    buffer_views: dict[int, HFTensors] = field(default_factory=dict, compare=False, repr=False)
 
     @functools.cached_property
     def num_bytes(self) -> int:
@@ -91,6 +96,15 @@ class BucketPlan:
                 offsets.append(offset)
                 offset += _aligned(spec.num_bytes)
         return tuple(offsets)
+
+
+    def views_in(self, buffer: torch.Tensor) -> HFTensors:
+        """The bucket's views of a buffer the caller keeps across exports (`buffer_for`), made once per buffer. The
+        kept views hold that buffer's storage alive, so another buffer cannot take its address."""
+        views = self.buffer_views.get(buffer.data_ptr())
+        if views is None:
+            views = self.buffer_views[buffer.data_ptr()] = _views(buffer, self)
+        return views
 
 
 def _aligned(num_bytes: int) -> int:
@@ -209,10 +223,7 @@ def _fill_bucket(
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
     for export in bucket.params:
-        param = params[export.chunk][export.local_name]
-        is_split = _tp_split_dim(param) is not None
-        shards = _gather_tp(param, view.tp_group, view.tp_size) if is_split else [param.detach()]
-        hf = shards_to_hf(export.global_name, shards)
+        hf = _hf_tensors(export, params[export.chunk][export.local_name], shards_to_hf, view, bucket.view_cache)
         for (name, tensor), spec in zip(hf, export.hf_specs, strict=True):
             target_name, target = next(targets)
             same = name == spec.name == target_name and tuple(tensor.shape) == spec.shape and tensor.dtype == spec.dtype
@@ -225,9 +236,31 @@ def _fill_bucket(
         if view.tp_size > 1 or len(dsts) >= _MAX_PENDING_COPIES:
             torch._foreach_copy_(dsts, srcs)
             dsts, srcs = [], []
-        del shards, hf  # the gathered parameter goes before the next one is gathered
+        del hf  # a gathered parameter goes before the next one is gathered
     if dsts:
         torch._foreach_copy_(dsts, srcs)
+
+
+def _hf_tensors(
+    export: ParamExport, param: torch.nn.Parameter, shards_to_hf: ShardsToHF, view: _StageView,
+    cache: dict[str, tuple[int, HFTensors]],
+) -> HFTensors:
+    """The mapping's Hugging Face tensors of one parameter (gathered over TP first when it is split).
+
+    Most of a model's parameters map to views of themselves (norms, projections, an embedding; gate/up halves),
+    and running the mapping again each sync costs host time and nothing else: such outputs are kept and reused
+    while the parameter's storage is the same (its data pointer; a kept view holds the old storage alive, so a
+    replaced `param.data` cannot reuse its address). Views read the live values, so nothing stale is sent."""
+    if _tp_split_dim(param) is not None and view.tp_size > 1:
+        return shards_to_hf(export.global_name, _gather_tp(param, view.tp_group, view.tp_size))
+    cached = cache.get(export.global_name)
+    if cached is not None and cached[0] == param.data_ptr():
+        return cached[1]
+    hf = shards_to_hf(export.global_name, [param.detach()])
+    storage = param.untyped_storage().data_ptr()
+    if all(tensor.untyped_storage().data_ptr() == storage for _, tensor in hf):
+        cache[export.global_name] = (param.data_ptr(), hf)
+    return hf
 
 
 def plan_export(
@@ -255,7 +288,8 @@ def export_hf_weights(
 
     `plan` (from `plan_export`, same arguments) may be passed when the caller needs the names up front; it holds
     no values, so reusing it across exports cannot send stale weights. `buffer_for(i)` may give the flat uint8
-    buffer (at least the bucket's size) that bucket i is packed into; by default each bucket gets a new one.
+    buffer (at least the bucket's size) that bucket i is packed into, one the caller keeps for the plan's life
+    (the plan keeps its views); by default each bucket gets a new one.
     """
     view = _StageView()
     device = next(_unwrap(model_chunks[0]).parameters()).device
@@ -264,10 +298,11 @@ def export_hf_weights(
     for index, bucket in enumerate(buckets):
         if buffer_for is None:
             buffer = torch.empty(bucket.num_bytes, dtype=torch.uint8, device=device)
+            views = _views(buffer, bucket)
         else:
             buffer = buffer_for(index)[: bucket.num_bytes]
             assert buffer.dtype == torch.uint8 and buffer.numel() == bucket.num_bytes, "buffer_for gave too small a buffer"
-        views = _views(buffer, bucket)
+            views = bucket.views_in(buffer)
         if view.stage == bucket.stage:
             _fill_bucket(views, bucket, model_chunks, shards_to_hf, view)
         if receivers == "all_ranks":

@@ -132,6 +132,12 @@ class Transform:
         raise NotImplementedError
 
 
+def cat_shards(shards: Sequence[Tensor], dim: int) -> Tensor:
+    """The TP shards joined along `dim`; one shard is returned as it is (a view of the parameter, not a copy: the
+    weight export reuses such views across syncs)."""
+    return shards[0] if len(shards) == 1 else torch.cat(list(shards), dim=dim)
+
+
 @dataclass(frozen=True)
 class Copy(Transform):
     """One HF tensor, split along `tp_dim` (None: every rank holds all of it)."""
@@ -148,7 +154,7 @@ class Copy(Transform):
     def from_shards(self, shards: Sequence[Tensor], what: str) -> list[Tensor]:
         if self.tp_dim is None:
             return [shards[0]]
-        return [torch.cat(list(shards), dim=self.tp_dim)]
+        return [cat_shards(shards, self.tp_dim)]
 
 
 @dataclass(frozen=True)
@@ -203,7 +209,7 @@ class FusedQKV(Transform):
         replication = self.replication(tp_size)
         num_groups = self.num_kv_heads * replication
         heads_per_group = self.num_heads // num_groups
-        fused = torch.cat(list(shards), dim=0)
+        fused = cat_shards(shards, 0)
         rest = tuple(fused.shape[1:])
         expected_rows = num_groups * (heads_per_group + 2) * self.head_dim
         if fused.shape[0] != expected_rows:
@@ -231,7 +237,7 @@ class FusedGateUp(Transform):
 
     def from_shards(self, shards: Sequence[Tensor], what: str) -> list[Tensor]:
         halves = [shard.chunk(2, dim=0) for shard in shards]
-        return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
+        return [cat_shards([h[0] for h in halves], 0), cat_shards([h[1] for h in halves], 0)]
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int, make_vocab_size_divisible_by: int = 128) -> int:
@@ -261,7 +267,7 @@ class PaddedVocab(Transform):
         return torch.cat([real, pad], dim=0) if pad.shape[0] else real
 
     def from_shards(self, shards: Sequence[Tensor], what: str) -> list[Tensor]:
-        return [torch.cat(list(shards), dim=0)[: self.vocab_size]]
+        return [cat_shards(shards, 0)[: self.vocab_size]]
 
 
 # ---------------------------------------------------------------------------------------------- rules

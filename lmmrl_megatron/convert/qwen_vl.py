@@ -129,7 +129,7 @@ class VisionTensor(Transform):
 
     def from_shards(self, shards: Sequence[Tensor], what: str) -> list[Tensor]:
         dim = self.mapping.tp_split_dim
-        full = shards[0] if dim is None else torch.cat(list(shards), dim=dim)
+        full = shards[0] if dim is None or len(shards) == 1 else torch.cat(list(shards), dim=dim)
         return list(megatron_to_hf_tensors(self.mapping, full, self.vision, len(shards)))
 
 

@@ -128,14 +128,19 @@ class CudaIpcSender:
         self.plans = _CachedPlan()
         self.slots: list[torch.Tensor] = []
         self.handles: list[dict[str, Any]] = []  # per slot: GPU UUID -> that rank's handle of the slot
+        self.metadata: dict[int, Any] = {}  # bucket index -> its tensors' (name, dtype, shape, offset in the slot)
+        self._metadata_plan: list[BucketPlan] | None = None  # the plan `metadata` was made for
 
     def _ensure_slots(self, plan: list[BucketPlan], device: torch.device) -> None:
         from torch.multiprocessing.reductions import reduce_tensor
 
+        if plan is not self._metadata_plan:
+            self.metadata, self._metadata_plan = {}, plan
         size = max(bucket.num_bytes for bucket in plan)
         if self.slots and self.slots[0].numel() >= size:
             return
         self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(self.NUM_SLOTS)]
+        self.metadata = {}
         uuid = device_uuid(device)
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, [(uuid, reduce_tensor(slot)[1]) for slot in self.slots])
@@ -167,7 +172,9 @@ class CudaIpcSender:
                 in_flight = []
             if bucket is None:
                 break
-            _, metadata = _bucket_metadata(bucket)
+            if index not in self.metadata:  # the same views of the same slot every sync
+                self.metadata[index] = _bucket_metadata(bucket)[1]
+            metadata = self.metadata[index]
             torch.cuda.current_stream().synchronize()  # the bucket is complete before another process reads it
             if is_driver:
                 slot = index % self.NUM_SLOTS

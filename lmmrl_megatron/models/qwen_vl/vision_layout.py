@@ -77,8 +77,9 @@ def swiglu_fc1_hf_to_megatron(gate: Tensor, up: Tensor, tp_size: int, padded_siz
 def swiglu_fc1_megatron_to_hf(fc1: Tensor, tp_size: int, intermediate_size: int) -> tuple[Tensor, Tensor]:
     """Inverse of `swiglu_fc1_hf_to_megatron`: (gate, up), padding removed."""
     pairs = [chunk.chunk(2, dim=0) for chunk in fc1.chunk(tp_size, dim=0)]
-    gate = torch.cat([g for g, _ in pairs], dim=0)[:intermediate_size]
-    up = torch.cat([u for _, u in pairs], dim=0)[:intermediate_size]
+    # one TP rank: views of fc1, no copy (the weight export reuses such views across syncs)
+    gate = (pairs[0][0] if len(pairs) == 1 else torch.cat([g for g, _ in pairs], dim=0))[:intermediate_size]
+    up = (pairs[0][1] if len(pairs) == 1 else torch.cat([u for _, u in pairs], dim=0))[:intermediate_size]
     return gate.contiguous(), up.contiguous()
 
 
