@@ -94,6 +94,13 @@ def make_placement_group(config: RunConfig) -> tuple[PlacementGroup, int, int]:
     return pg, 0, 0 if trainer.colocate_all_models else num_policy
 
 
+def swap_metrics(parts: list[dict[str, float]], direction: str) -> dict[str, float]:
+    """One direction of the colocated swap as the slowest rank saw it (it bounds the phase): GB moved and GB/s."""
+    slowest = max(parts, key=lambda p: p["seconds"])
+    gbps = slowest["bytes"] / slowest["seconds"] / 1e9 if slowest["seconds"] > 0 else 0.0
+    return {f"swap/{direction}_gb": slowest["bytes"] / 1e9, f"swap/{direction}_gbps": gbps}
+
+
 class PolicyGroup:
     """The Megatron ranks: actor, and colocated with it the reference (KL) and the critic (GAE) when needed.
 
@@ -190,11 +197,12 @@ class PolicyGroup:
         parts = self._gather([w.train_critic.remote(samples, normaliser, lr) for w in self.workers], "train_critic")
         return next(p for p in parts if p)
 
-    def offload(self) -> None:
-        self._gather([w.offload.remote() for w in self.workers], "offload")
+    def offload(self) -> dict[str, float]:
+        """`swap/offload_gb` and `swap/offload_gbps`: the bytes and bandwidth of the rank that took longest."""
+        return swap_metrics(self._gather([w.offload.remote() for w in self.workers], "offload"), "offload")
 
-    def onload(self) -> None:
-        self._gather([w.onload.remote() for w in self.workers], "onload")
+    def onload(self) -> dict[str, float]:
+        return swap_metrics(self._gather([w.onload.remote() for w in self.workers], "onload"), "onload")
 
     def push_weights(self, engines: list[Any]) -> dict[str, float]:
         parts = self._gather([w.push_weights.remote(engines) for w in self.workers], "push_weights")
