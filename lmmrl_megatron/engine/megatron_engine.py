@@ -152,6 +152,11 @@ class MegatronEngine:
         self._offloaded = False
         return stats
 
+    @property
+    def host_swap(self) -> HostSwap | None:
+        """The host side of the colocated swap (None before the first offload)."""
+        return self._swap
+
     def _weight_storages(self) -> set[int]:
         """The storages the swap must leave in place: the weights (an fp32 optimizer steps the model's own
         parameters, or views of them) and the gradient buffers (freed by DDP, not copied)."""

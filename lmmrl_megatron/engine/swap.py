@@ -88,6 +88,8 @@ class HostSwap:
         return sum(c.numel() for c in self.chunks)
 
     def _grow(self, total: int) -> float:
+        if self.capacity >= total:
+            return 0.0
         start = time.perf_counter()
         pin = self.device.type == "cuda"
         while self.capacity < total:

@@ -71,7 +71,7 @@ def swap_worker() -> dict[str, object]:
                 for t in optimizer_state_tensors(swapped.optimizer)
                 if t.untyped_storage().data_ptr() not in keep
             ))
-            record["chunk_ptrs"].append([c.data_ptr() for c in swapped._swap.chunks])
+            record["chunk_ptrs"].append([c.data_ptr() for c in swapped.host_swap.chunks])
             swapped.onload()
             record["state_roundtrip"] = all(torch.equal(a, b) for a, b in zip(state_before, _state(swapped)))
         record["weights_equal"] = all(
