@@ -95,10 +95,14 @@ def make_placement_group(config: RunConfig) -> tuple[PlacementGroup, int, int]:
 
 
 def swap_metrics(parts: list[dict[str, float]], direction: str) -> dict[str, float]:
-    """One direction of the colocated swap as the slowest rank saw it (it bounds the phase): GB moved and GB/s."""
-    slowest = max(parts, key=lambda p: p["seconds"])
-    gbps = slowest["bytes"] / slowest["seconds"] / 1e9 if slowest["seconds"] > 0 else 0.0
-    return {f"swap/{direction}_gb": slowest["bytes"] / 1e9, f"swap/{direction}_gbps": gbps}
+    """One direction of the colocated swap: the GB all ranks moved, the slowest rank's seconds and the lowest
+    per-rank GB/s (each rank copies over its own GPU's link; the slowest bounds the phase)."""
+    rates = [p["bytes"] / p["seconds"] / 1e9 if p["seconds"] > 0 else 0.0 for p in parts]
+    return {
+        f"swap/{direction}_gb": sum(p["bytes"] for p in parts) / 1e9,
+        f"swap/{direction}_s": max(p["seconds"] for p in parts),
+        f"swap/{direction}_gbps": min(rates),
+    }
 
 
 class PolicyGroup:
@@ -198,7 +202,7 @@ class PolicyGroup:
         return next(p for p in parts if p)
 
     def offload(self) -> dict[str, float]:
-        """`swap/offload_gb` and `swap/offload_gbps`: the bytes and bandwidth of the rank that took longest."""
+        """Free the ranks' gradient buffers and optimizer state; `swap/offload_gb`, `swap/offload_gbps`."""
         return swap_metrics(self._gather([w.offload.remote() for w in self.workers], "offload"), "offload")
 
     def onload(self) -> dict[str, float]:
