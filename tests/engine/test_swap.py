@@ -12,7 +12,7 @@ import torch
 
 from lmmrl_megatron.config.sections import OptimizerConfig
 from lmmrl_megatron.engine.micro_batch import collate
-from lmmrl_megatron.engine.swap import HostSwap
+from lmmrl_megatron.engine.swap import HostSwap, optimizer_state_tensors
 from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.tiny_gpt import VOCAB
 from tests.engine.test_megatron_engine import gpt_forward, make_samples
@@ -34,8 +34,6 @@ def _build(bf16: bool, chunk_bytes: int):
 
 
 def _state(engine) -> list[torch.Tensor]:
-    from lmmrl_megatron.engine.swap import optimizer_state_tensors
-
     return [t.detach().clone() for t in optimizer_state_tensors(engine.optimizer)]
 
 
@@ -63,8 +61,6 @@ def swap_worker() -> dict[str, object]:
             state_before = _state(swapped)
             stats = swapped.offload()
             record["bytes"].append(stats.bytes)
-            from lmmrl_megatron.engine.swap import optimizer_state_tensors
-
             keep = swapped._weight_storages()
             record["freed"].append(all(
                 t.untyped_storage().nbytes() == 0
