@@ -13,6 +13,7 @@ tokens fall across micro-batches and ranks.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Literal, Protocol
 
@@ -23,6 +24,7 @@ from lmmrl_megatron.config.sections import OptimizerConfig
 from lmmrl_megatron.engine.logprobs import vocab_parallel_logprobs
 from lmmrl_megatron.engine.lr_schedule import set_optimizer_hyperparams
 from lmmrl_megatron.engine.micro_batch import MicroBatch
+from lmmrl_megatron.engine.swap import DEFAULT_CHUNK_BYTES, HostSwap, SwapStats, optimizer_state_tensors
 
 
 class ForwardFn(Protocol):
@@ -59,6 +61,7 @@ class MegatronEngine:
         bf16: bool = False,
         head: Head = "logprobs",
         excluded_token_ids: tuple[int, ...] = (),
+        swap_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -91,6 +94,8 @@ class MegatronEngine:
         # Pipeline stages exchange activations whose sequence length changes from micro-batch to micro-batch.
         self.transformer_config.variable_seq_lengths = True
         self._offloaded = False
+        self._swap: HostSwap | None = None  # built at the first offload, on the weights' device
+        self.swap_chunk_bytes = swap_chunk_bytes
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.dp_size = ps.get_data_parallel_world_size()
@@ -114,27 +119,53 @@ class MegatronEngine:
         )
         return get_megatron_optimizer(mcore_cfg, self.model)
 
-    def offload(self) -> None:
-        """Free what only training needs, the gradient buffers and (on GPU) the optimizer state, while a colocated
-        role uses the device; `onload` brings them back. The weights stay: log-probs and weight sync use them."""
+    def offload(self) -> SwapStats:
+        """Free what only training needs while a colocated role uses the device; `onload` brings it back. The
+        gradient buffers are freed without a copy (`train_step` zeroes them first); the optimizer state goes to
+        host chunks allocated once (engine/swap.py). The weights stay: log-probs and weight sync use them."""
         if self.optimizer is None or self._offloaded:
-            return
-        on_gpu = next(self.model[0].parameters()).is_cuda
+            return SwapStats()
+        device = next(self.model[0].parameters()).device
+        on_gpu = device.type == "cuda"
+        if self._swap is None:
+            self._swap = HostSwap(device, self.swap_chunk_bytes)
+        start = time.perf_counter()
+        keep = self._weight_storages()
         for chunk in self.model:
-            chunk.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
-        if on_gpu:  # on the host there is nowhere to move it
-            self.optimizer.offload_to_cpu()
+            chunk.offload_grad_buffers(synchronize=on_gpu, empty_cache=False)
+        stats = self._swap.offload(optimizer_state_tensors(self.optimizer), keep)
+        if on_gpu:  # the freed blocks go back to the driver, for the rollout engine's process
+            torch.cuda.empty_cache()
+        stats.memory_s = time.perf_counter() - start - stats.copy_s - stats.alloc_s
         self._offloaded = True
+        return stats
 
-    def onload(self) -> None:
+    def onload(self) -> SwapStats:
         if not self._offloaded:
-            return
+            return SwapStats()
         on_gpu = next(self.model[0].parameters()).is_cuda
-        if on_gpu:
-            self.optimizer.restore_from_cpu()
+        start = time.perf_counter()
+        stats = self._swap.onload()
         for chunk in self.model:
             chunk.restore_grad_buffers(synchronize=on_gpu)
+        stats.memory_s = time.perf_counter() - start - stats.copy_s
         self._offloaded = False
+        return stats
+
+    @property
+    def host_swap(self) -> HostSwap | None:
+        """The host side of the colocated swap (None before the first offload)."""
+        return self._swap
+
+    def _weight_storages(self) -> set[int]:
+        """The storages the swap must leave in place: the weights (an fp32 optimizer steps the model's own
+        parameters, or views of them) and the gradient buffers (freed by DDP, not copied)."""
+        keep = {p.untyped_storage().data_ptr() for chunk in self.model for p in chunk.parameters()}
+        for chunk in self.model:
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+                if buffer.grad_data is not None:
+                    keep.add(buffer.grad_data.untyped_storage().data_ptr())
+        return keep
 
     def _token_stats(self, output: Tensor, micro_batch: MicroBatch) -> tuple[Tensor, Tensor | None]:
         if self.head == "values":

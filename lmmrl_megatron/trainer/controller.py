@@ -119,6 +119,7 @@ class RLTrainer:
         cfg, alg = self.config, self.config.algorithm
         n = cfg.rollout.n_samples_per_prompt
         timings: dict[str, float] = {}
+        swap: dict[str, float] = {}  # colocated: GB and GB/s of the swap's two directions
 
         # 1. Prompts, processed once (token ids, pixel values, image grids), reused for generation and training.
         batch = self.prompts.next_batch()
@@ -139,7 +140,7 @@ class RLTrainer:
         if self.swap_colocated:  # the engines give the GPUs back to the policy until the sync
             with timed(timings, "onload"):
                 self.rollout.sleep()
-                self.policy.onload()
+                swap = self.policy.onload()
         samples = [
             Sample(p.input_ids, out.response_ids, p.pixel_values, p.image_grid_thw, rollout_logprobs=out.logprobs)
             for p, group in zip(encoded, outputs)
@@ -217,7 +218,7 @@ class RLTrainer:
         # the weights are in, so the two roles never hold their peaks at once.
         if self.swap_colocated:
             with timed(timings, "offload"):
-                self.policy.offload()
+                swap |= self.policy.offload()
                 self.rollout.wake_up_weights()
         with timed(timings, "sync"):
             sync = self.policy.push_weights(self.rollout.engines)
@@ -226,7 +227,7 @@ class RLTrainer:
 
         entropy = pad_responses([old[i][1] for i in range(len(samples))])
         metrics = step_metrics(raw_scores, samples, mask, kl, entropy, train_metrics, advantages, kl_coef, keep)
-        return metrics | {"rollout/logprob_abs_diff_max": mismatch} | lrs | sync | timings
+        return metrics | {"rollout/logprob_abs_diff_max": mismatch} | lrs | sync | swap | timings
 
     def evaluate(self) -> dict[str, float]:
         """Evaluate the policy as the engines hold it now on `eval.sets`, when `eval` says this step is due

@@ -94,6 +94,17 @@ def make_placement_group(config: RunConfig) -> tuple[PlacementGroup, int, int]:
     return pg, 0, 0 if trainer.colocate_all_models else num_policy
 
 
+def swap_metrics(parts: list[dict[str, float]], direction: str) -> dict[str, float]:
+    """One direction of the colocated swap: the GB all ranks moved, the slowest rank's seconds and the lowest
+    per-rank GB/s (each rank copies over its own GPU's link; the slowest bounds the phase)."""
+    rates = [p["bytes"] / p["seconds"] / 1e9 if p["seconds"] > 0 else 0.0 for p in parts]
+    return {
+        f"swap/{direction}_gb": sum(p["bytes"] for p in parts) / 1e9,
+        f"swap/{direction}_s": max(p["seconds"] for p in parts),
+        f"swap/{direction}_gbps": min(rates),
+    }
+
+
 class PolicyGroup:
     """The Megatron ranks: actor, and colocated with it the reference (KL) and the critic (GAE) when needed.
 
@@ -190,11 +201,12 @@ class PolicyGroup:
         parts = self._gather([w.train_critic.remote(samples, normaliser, lr) for w in self.workers], "train_critic")
         return next(p for p in parts if p)
 
-    def offload(self) -> None:
-        self._gather([w.offload.remote() for w in self.workers], "offload")
+    def offload(self) -> dict[str, float]:
+        """Free the ranks' gradient buffers and optimizer state; `swap/offload_gb`, `swap/offload_gbps`."""
+        return swap_metrics(self._gather([w.offload.remote() for w in self.workers], "offload"), "offload")
 
-    def onload(self) -> None:
-        self._gather([w.onload.remote() for w in self.workers], "onload")
+    def onload(self) -> dict[str, float]:
+        return swap_metrics(self._gather([w.onload.remote() for w in self.workers], "onload"), "onload")
 
     def push_weights(self, engines: list[Any]) -> dict[str, float]:
         parts = self._gather([w.push_weights.remote(engines) for w in self.workers], "push_weights")

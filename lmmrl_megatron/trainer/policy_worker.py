@@ -233,14 +233,20 @@ class PolicyWorker:
         is_reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         return metrics if is_reporter else {}
 
-    def offload(self) -> None:
-        """Free the trained roles' gradient buffers and optimizer state for a colocated rollout engine."""
-        for engine in self.engines.values():
-            engine.offload()
+    def offload(self) -> dict[str, float]:
+        """Free the trained roles' gradient buffers and optimizer state for a colocated rollout engine; the bytes
+        copied to the host and the seconds it took on this rank."""
+        return self._swap_stats([engine.offload() for engine in self.engines.values()])
 
-    def onload(self) -> None:
-        for engine in self.engines.values():
-            engine.onload()
+    def onload(self) -> dict[str, float]:
+        return self._swap_stats([engine.onload() for engine in self.engines.values()])
+
+    @staticmethod
+    def _swap_stats(parts: list) -> dict[str, float]:
+        from lmmrl_megatron.engine.swap import SwapStats
+
+        total = sum(parts, SwapStats())
+        return {"bytes": float(total.bytes), "seconds": total.seconds}
 
     def push_weights(self, engines: list[Any]) -> dict[str, float]:
         """Send the actor's weights, in Hugging Face names and layout, to every rollout engine, bucket by bucket,

@@ -32,6 +32,11 @@ def check_run(records: list[dict], num_steps: int) -> None:
             assert key in record, f"metrics.jsonl lacks {key}"
             assert isinstance(record[key], float) and math.isfinite(record[key]), (key, record[key])
         assert record["sync/num_tensors"] > 0 and record["sync/bytes"] > 0
+        if "time/offload" in record:  # colocated: the swap moved the optimizer state to the host
+            assert record["swap/offload_gb"] > 0 and record["swap/offload_gbps"] > 0
+    for before, record in zip(records, records[1:]):  # and back (the first onload precedes Adam's moments)
+        if "time/onload" in record:
+            assert record["swap/onload_gb"] == before["swap/offload_gb"] and record["swap/onload_gbps"] > 0
         # The engine samples with the weights the trainer holds: after every sync both score tokens alike.
         assert record["rollout/logprob_abs_diff_max"] < 1e-3
 
