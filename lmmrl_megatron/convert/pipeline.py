@@ -81,13 +81,8 @@ def check_layout(config: QwenVLConfig, tp: int, pp: int) -> None:
     decoder_transformer_config(config, options)  # heads / KV heads against tp
     for stage in range(pp):
         decoder_layer_range(config.text.num_layers, options.shard_layout, stage)
-    if config.text.num_key_value_heads < tp:
-        # The model then replicates KV heads per TP rank, and its qkv checkpoint tensors depend on TP.
-        raise ValueError(
-            f"--tp {tp} exceeds num_key_value_heads={config.text.num_key_value_heads}: the model replicates KV heads "
-            f"at that TP size, and such checkpoints are not yet layout-independent; convert for tp <= "
-            f"{config.text.num_key_value_heads}"
-        )
+    # KV heads fewer than TP ranks are replicated by the model but stored once (models/qwen_vl/kv_checkpoint.py),
+    # so the checkpoint written here (global, unreplicated tensors) loads at this layout too.
 
 
 def _hf_dtype(reader: HFCheckpointReader) -> torch.dtype:

@@ -11,10 +11,16 @@ batch equal those of the first link. The (2,2) link also writes an HF checkpoint
 The odd shapes (tied embeddings, one KV group, vocabulary 500 = not a multiple of 128) get the same checks at
 (1,2), plus a TP=2 model (one KV head replicated on both ranks) filled straight from HF whose export must still
 give back the single KV head.
+
+With one KV head and TP=2 the model replicates the head on both ranks but stores it once: the HF checkpoint is
+converted for TP=2 x PP=2 by the command-line tool, loaded there, saved, loaded at TP=1, saved, and both saves
+convert back to the original tensors bit for bit.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,7 @@ from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
 from tests.convert.qwen_workers import assert_same_state, hf_state, last_stage_outputs, load_export_forward_save
 
+REPO = Path(__file__).resolve().parents[2]
 ARCHS = ["qwen2_vl", "qwen2_5_vl"]
 ODD_SHAPES = ["tie_word_embeddings=true", "text_config.num_key_value_heads=1", "text_config.vocab_size=500"]
 
@@ -83,3 +90,17 @@ def test_odd_shapes_roundtrip(tmp_path: Path, arch: str) -> None:
     for rank, result in enumerate(results):
         assert_same_state(result["export"], want, f"live export at tp=2 (replicated KV head), rank {rank}")
     _assert_same_outputs(last_stage_outputs(results), outputs, "tp=2 vs pp=2")
+
+
+@pytest.mark.slow
+def test_replicated_kv_heads_reshard_bit_exact(tmp_path: Path) -> None:
+    """HF -> TP=2 x PP=2 -> TP=1 -> HF with one KV head (replicated at TP=2): every step bit-exact."""
+    hf = make_tiny_checkpoint("qwen2_5_vl", tmp_path / "hf", overrides=["text_config.num_key_value_heads=1"])
+    want = hf_state(hf)
+    converted = tmp_path / "converted"
+    tool = REPO / "tools" / "convert_ckpt" / "hf_to_mcore.py"
+    subprocess.run([sys.executable, tool, "--hf", hf, "--out", converted, "--tp", "2", "--pp", "2", "--no-progress"],
+                   check=True, capture_output=True)
+    tp2 = _run_link(hf, 2, 2, str(converted), tmp_path / "saved-tp2-pp2", want)
+    tp1 = _run_link(hf, 1, 1, str(tmp_path / "saved-tp2-pp2"), tmp_path / "saved-tp1", want)
+    _assert_same_outputs(tp1, tp2, "tp=1 vs tp=2 pp=2 (replicated KV head)")
