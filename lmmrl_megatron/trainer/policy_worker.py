@@ -76,7 +76,7 @@ def make_value_loss(config: AlgorithmConfig, normaliser: float):
 def qwen_vl_shards_to_hf(qwen_config: Any, transformer_impl: str):
     """The export's converter: a parameter's global Megatron name and TP shards -> its Hugging Face tensors."""
     from lmmrl_megatron.convert.mapping import mcore_shards_to_hf
-    from lmmrl_megatron.convert.qwen_vl import qwen_vl_params
+    from lmmrl_megatron.models.qwen_vl.mapping import qwen_vl_params
 
     by_name = {param.mcore_name: param for param in qwen_vl_params(qwen_config, transformer_impl)}
 

@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 
 from lmmrl_megatron.convert.pipeline import ConvertOptions, convert_hf_to_mcore, convert_mcore_to_hf
+
+from lmmrl_megatron.models.registry import family_of_hf_dir
 from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
 from tests.convert.qwen_workers import assert_same_state, hf_state, last_stage_outputs, load_export_forward_save
@@ -54,7 +56,8 @@ def _run_link(
     if save_hf:
         assert len(list(live_hf.glob("model-*.safetensors"))) > 1
         assert_same_state(hf_state(live_hf), want, f"HF checkpoint written by the live model at tp={tp} pp={pp}")
-    back = convert_mcore_to_hf(ConvertOptions(src=str(save_to), out=str(save_to) + "-hf", progress=False))
+    options = ConvertOptions(src=str(save_to), out=str(save_to) + "-hf", progress=False)
+    back = convert_mcore_to_hf(options, family_of_hf_dir)
     assert_same_state(hf_state(back), want, f"checkpoint saved at tp={tp} pp={pp}, converted back")
     return last_stage_outputs(results)
 
@@ -65,7 +68,7 @@ def test_roundtrip_is_bit_exact_and_layouts_agree(tmp_path: Path, arch: str) -> 
     hf = make_tiny_checkpoint(arch, tmp_path / "hf")
     want = hf_state(hf)
     options = ConvertOptions(src=str(hf), out=str(tmp_path / "converted"), tp=2, pp=2, progress=False)
-    converted = convert_hf_to_mcore(options)
+    converted = convert_hf_to_mcore(options, family_of_hf_dir)
     load_from, reference = str(converted), None
     for tp, pp in [(2, 2), (1, 1), (2, 1), (1, 2)]:
         save_to = tmp_path / f"saved-tp{tp}-pp{pp}"
@@ -83,7 +86,8 @@ def test_odd_shapes_roundtrip(tmp_path: Path, arch: str) -> None:
     hf = make_tiny_checkpoint(arch, tmp_path / "hf", overrides=ODD_SHAPES)
     want = hf_state(hf)
     assert "lm_head.weight" not in want and want["model.embed_tokens.weight"].shape[0] == 500
-    converted = convert_hf_to_mcore(ConvertOptions(src=str(hf), out=str(tmp_path / "converted"), pp=2, progress=False))
+    options = ConvertOptions(src=str(hf), out=str(tmp_path / "converted"), pp=2, progress=False)
+    converted = convert_hf_to_mcore(options, family_of_hf_dir)
     outputs = _run_link(hf, 1, 2, str(converted), tmp_path / "saved-pp2", want)
     # TP=2 with one KV head: each rank holds a copy of it; the export must give the single head back.
     results = run_distributed(load_export_forward_save, 2, 2, 1, args=(str(hf), "hf", None))
