@@ -1,6 +1,6 @@
 """The trainer resumes a Qwen-VL policy whose KV heads are replicated (one KV head, TP=2), at TP=2 and at TP=1.
 
-The actor is built as the trainer builds it (`build_policy_chunks` from the HF checkpoint, the trainer's forward),
+The actor is built as the trainer builds it (through the model's family: its chunks from the HF checkpoint, its forward),
 takes one Adam step at TP=2 and saves its train state (model and distributed-optimizer state): the replicated KV
 head is stored once. Resumed at TP=2, the next step equals the uninterrupted run's bit for bit (the optimizer
 moments of the KV head came back); resumed at TP=1, the weights equal the saved ones bit for bit.
@@ -35,22 +35,22 @@ def _samples(vision_ids: set[int]):
 def _actor(hf_dir: str, tp: int):
     from lmmrl_megatron.config.sections import ModelConfig, OptimizerConfig, ParallelConfig
     from lmmrl_megatron.engine.megatron_engine import MegatronEngine
-    from lmmrl_megatron.trainer.policy_model import build_policy_chunks
-    from lmmrl_megatron.trainer.policy_worker import qwen_vl_forward
+    from lmmrl_megatron.models.registry import family_of_hf_dir
 
+    family = family_of_hf_dir(Path(hf_dir))
     torch.manual_seed(0)
-    chunks, config = build_policy_chunks(ModelConfig(pretrain=hf_dir, dtype="fp32"), ParallelConfig(tp=tp), False)
-    engine = MegatronEngine(chunks, qwen_vl_forward, config.text.vocab_size, OptimizerConfig(lr=1e-2, clip_grad=0.0))
+    chunks, config = family.build_policy_chunks(ModelConfig(pretrain=hf_dir, dtype="fp32"), ParallelConfig(tp=tp), False)
+    engine = MegatronEngine(chunks, family.forward, family.vocab_size(config), OptimizerConfig(lr=1e-2, clip_grad=0.0))
     return engine, config
 
 
 def _export(engine, config) -> dict[str, np.ndarray]:
     from lmmrl_megatron.convert.export import export_hf_weights
-    from lmmrl_megatron.trainer.policy_worker import qwen_vl_shards_to_hf
+    from lmmrl_megatron.models.registry import model_family
 
     chunks = [chunk.module for chunk in engine.model]
-    return {name: t.numpy().copy() for bucket in export_hf_weights(chunks, qwen_vl_shards_to_hf(config, "local"), 1 << 20)
-            for name, t in bucket}
+    shards_to_hf = model_family("qwen_vl").shards_to_hf(config, "local")
+    return {name: t.numpy().copy() for bucket in export_hf_weights(chunks, shards_to_hf, 1 << 20) for name, t in bucket}
 
 
 def _step(engine, config) -> None:

@@ -1,9 +1,12 @@
-"""Qwen2-VL / Qwen2.5-VL as a model family: what the converters (`convert/family.py`) need, in one object."""
+"""Qwen2-VL / Qwen2.5-VL as a model family: what the converters (`convert/family.py`) and the trainer need of the
+model, in one object. The trainer builds its chunks, runs its forward and exports its weights only through it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +46,33 @@ class QwenVLFamily:
         from lmmrl_megatron.models.qwen_vl.checkpoint_model import QwenVLCheckpointModel
 
         return QwenVLCheckpointModel(config, dtype)
+
+    # -- what the trainer needs ---------------------------------------------------------------------------------
+
+    def build_policy_chunks(self, model: Any, parallel: Any, use_gpu: bool) -> tuple[list[torch.nn.Module], Any]:
+        """(this rank's chunks filled from `model.pretrain`, the model config); see `policy.py`."""
+        from lmmrl_megatron.models.qwen_vl.policy import build_policy_chunks
+
+        return build_policy_chunks(model, parallel, use_gpu)
+
+    def forward(self, chunk: torch.nn.Module, micro_batch: Any) -> torch.Tensor:
+        from lmmrl_megatron.models.qwen_vl.policy import qwen_vl_forward
+
+        return qwen_vl_forward(chunk, micro_batch)
+
+    def vocab_size(self, config: QwenVLConfig) -> int:
+        return config.text.vocab_size
+
+    def never_sampled_token_ids(self, config: QwenVLConfig) -> tuple[int, ...]:
+        from lmmrl_megatron.models.qwen_vl.policy import never_sampled_token_ids
+
+        return never_sampled_token_ids(config)
+
+    def shards_to_hf(self, config: QwenVLConfig, transformer_impl: str):
+        """The live export's converter: (global Megatron name, TP shards) -> HF tensors."""
+        from lmmrl_megatron.models.qwen_vl.checkpoint_model import qwen_vl_shards_to_hf
+
+        return qwen_vl_shards_to_hf(config, transformer_impl)  # type: ignore[arg-type]
 
 
 QWEN_VL = QwenVLFamily()
