@@ -27,12 +27,13 @@ sys.path.insert(0, str(REPO))
 _CHILD = """
 import json, sys, time
 from lmmrl_megatron.convert.pipeline import ConvertOptions, convert_hf_to_mcore, convert_mcore_to_hf
+from lmmrl_megatron.models.registry import family_of_hf_dir
 direction, src, out = sys.argv[1:4]
 start = time.perf_counter()
 if direction == "hf_to_mcore":
-    convert_hf_to_mcore(ConvertOptions(src=src, out=out, progress=False))
+    convert_hf_to_mcore(ConvertOptions(src=src, out=out, progress=False), family_of_hf_dir)
 elif direction == "mcore_to_hf":
-    convert_mcore_to_hf(ConvertOptions(src=src, out=out, progress=False))
+    convert_mcore_to_hf(ConvertOptions(src=src, out=out, progress=False), family_of_hf_dir)
 seconds = time.perf_counter() - start
 # VmHWM, not getrusage's ru_maxrss: the latter survives exec and would report the parent's peak.
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))

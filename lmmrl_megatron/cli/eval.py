@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lmmrl_megatron.config import RunConfig, load_config
-from lmmrl_megatron.eval.config import EvalSetConfig
+from lmmrl_megatron.config.eval import EvalSetConfig
 
 
 def _labelled(value: str, default_label: str) -> tuple[str, str]:
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    from lmmrl_megatron.eval.standalone import evaluate_models
-    from lmmrl_megatron.eval.summary import eval_table
+    from lmmrl_megatron.cli.eval_models import evaluate_models
+    from lmmrl_megatron.trainer.eval_summary import eval_table
 
     try:
         columns = evaluate_models(config, models, args.out)

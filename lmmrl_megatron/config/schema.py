@@ -18,7 +18,7 @@ from lmmrl_megatron.config.sections import (
     TrainerConfig,
 )
 from lmmrl_megatron.data.config import DataConfig
-from lmmrl_megatron.eval.config import EvalConfig
+from lmmrl_megatron.config.eval import EvalConfig
 from lmmrl_megatron.reward.config import RewardConfig
 
 

@@ -2,8 +2,8 @@
 
 A Megatron-Core distributed checkpoint holds *global* tensors (keyed by `ShardedTensor.key`, decoder layers
 stacked on a leading axis) cut into chunks, plus pickled `ShardedObject`s and a "common" state. Apart from the
-vocabulary padding (which Megatron loads across sizes: `allow_shape_mismatch`) and KV heads replicated when they are
-fewer than TP ranks (see `pipeline.check_layout`), nothing in it depends on the TP/PP layout that wrote it. So a
+vocabulary padding (which Megatron loads across sizes: `allow_shape_mismatch`), nothing in it depends on the TP/PP
+layout that wrote it (KV heads a model replicates over TP ranks are stored once: models/qwen_vl/kv_checkpoint.py). So a
 converter can write one directly: build the model once at TP=1, PP=1 on the meta device, take its
 `sharded_state_dict()` as the *template* (keys, global shapes, offsets, and for every chunk which parameter and which
 view of it holds the values), and let PyTorch's checkpoint writer ask for each chunk's values only when it writes

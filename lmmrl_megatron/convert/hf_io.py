@@ -27,6 +27,12 @@ import torch
 from lmmrl_megatron.convert.atomic_dir import atomic_output_dir
 
 QWEN_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# transformers 5's `save_pretrained` nests a vision-language model's parts (`model.language_model.*`,
+# `model.visual.*`); the hub's checkpoints, which vLLM and the mapping use, do not.
+_HF_PREFIX_ALIASES: tuple[tuple[str, str], ...] = (
+    ("model.language_model.", "model."),
+    ("model.visual.", "visual."),
+)
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
@@ -51,6 +57,14 @@ _DTYPE_FROM_SAFETENSORS: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _DTYPE_TO_SAFETENSORS = {dtype: name for name, dtype in _DTYPE_FROM_SAFETENSORS.items()}
+
+
+def canonical_hf_name(name: str) -> str:
+    """The hub name of an HF tensor name in either layout (transformers 5 `save_pretrained` or the hub's)."""
+    for new, old in _HF_PREFIX_ALIASES:
+        if name.startswith(new):
+            return old + name[len(new) :]
+    return name
 
 
 @dataclass(frozen=True)
@@ -245,8 +259,6 @@ class HFCheckpointReader:
 
         `expected` uses the hub's names; stored names in transformers 5's own layout are compared as their hub name.
         """
-        from lmmrl_megatron.convert.qwen_vl import canonical_hf_name
-
         stored = {canonical_hf_name(name): tensor for name, tensor in self._stored.items()}
         problems = []
         for name in sorted(set(expected) - set(stored)):

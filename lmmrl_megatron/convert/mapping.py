@@ -1,6 +1,6 @@
 """Declarative Hugging Face <-> Megatron-Core parameter mapping: pure tensor code, no process groups.
 
-A model's mapping is a list of `ParamRule`s (see `convert/qwen_vl.py` for Qwen-VL). A rule names one Megatron
+A model's mapping is a list of `ParamRule`s (see `models/qwen_vl/mapping.py` for Qwen-VL). A rule names one Megatron
 parameter (a pattern with `{layer}` for per-layer parameters), the Hugging Face tensor(s) it is made of, where it
 lives in the pipeline (`Placement`) and how it is cut (`Transform`):
 

@@ -1,7 +1,11 @@
-"""The two offline converters: Hugging Face Qwen-VL <-> Megatron-Core distributed checkpoint, both streaming.
+"""The two offline converters: Hugging Face <-> Megatron-Core distributed checkpoint, both streaming, any family.
 
-    convert_hf_to_mcore(ConvertOptions(src=hf_dir, out=mcore_dir, tp=8, pp=4))
-    convert_mcore_to_hf(ConvertOptions(src=mcore_dir, out=hf_dir, hf_template=None))
+    from lmmrl_megatron.models.registry import family_of_hf_dir
+    convert_hf_to_mcore(ConvertOptions(src=hf_dir, out=mcore_dir, tp=8, pp=4), family_of_hf_dir)
+    convert_mcore_to_hf(ConvertOptions(src=mcore_dir, out=hf_dir, hf_template=None), family_of_hf_dir)
+
+The model comes from its family (`convert/family.py`), which the resolver finds from the HF config (the source, or
+the checkpoint's HF template); nothing here names a model.
 
 HF -> Megatron runs in this one process: the Megatron layout comes from the model built at TP=1, PP=1 on the meta
 device, and the checkpoint is written one parameter at a time (`dcp_stream.write_checkpoint`); the parameter being
@@ -34,18 +38,11 @@ from lmmrl_megatron.convert.dcp_stream import (
     stored_dtypes,
     write_checkpoint,
 )
-from lmmrl_megatron.convert.hf_io import (
-    DEFAULT_MAX_SHARD_BYTES,
-    HFCheckpointReader,
-    HFShardedWriter,
-    copy_template_files,
-    load_qwen_vl_config,
-)
+from lmmrl_megatron.convert.family import FamilyResolver
+from lmmrl_megatron.convert.hf_io import DEFAULT_MAX_SHARD_BYTES, HFCheckpointReader, HFShardedWriter, copy_template_files
 from lmmrl_megatron.convert.mcore_ckpt import CONTENT_FORMAT, HF_TEMPLATE_SUBDIR
-from lmmrl_megatron.convert.qwen_vl import canonical_hf_name
-from lmmrl_megatron.convert.qwen_vl_ckpt import QwenVLCheckpointModel
 from lmmrl_megatron.convert.single_process import single_process_megatron
-from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig, decoder_transformer_config
+
 
 @dataclass
 class ConvertOptions:
@@ -73,23 +70,6 @@ def _progress(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="tensor", disable=not enabled, dynamic_ncols=True)
 
 
-def check_layout(config: QwenVLConfig, tp: int, pp: int) -> None:
-    """Refuse a TP/PP layout the model cannot be cut into, naming why."""
-    from lmmrl_megatron.convert.mapping import decoder_layer_range
-
-    options = QwenVLBuildOptions(tp=tp, pp=pp, dtype="fp32")
-    decoder_transformer_config(config, options)  # heads / KV heads against tp
-    for stage in range(pp):
-        decoder_layer_range(config.text.num_layers, options.shard_layout, stage)
-    if config.text.num_key_value_heads < tp:
-        # The model then replicates KV heads per TP rank, and its qkv checkpoint tensors depend on TP.
-        raise ValueError(
-            f"--tp {tp} exceeds num_key_value_heads={config.text.num_key_value_heads}: the model replicates KV heads "
-            f"at that TP size, and such checkpoints are not yet layout-independent; convert for tp <= "
-            f"{config.text.num_key_value_heads}"
-        )
-
-
 def _hf_dtype(reader: HFCheckpointReader) -> torch.dtype:
     """The one floating dtype of the checkpoint's tensors (the converted checkpoint keeps it)."""
     dtypes = {reader.spec(name).dtype for name in reader.names if reader.spec(name).dtype.is_floating_point}
@@ -98,12 +78,13 @@ def _hf_dtype(reader: HFCheckpointReader) -> torch.dtype:
     return dtypes.pop()
 
 
-def convert_hf_to_mcore(options: ConvertOptions) -> Path:
-    """Convert a Hugging Face Qwen-VL checkpoint into a Megatron-Core distributed checkpoint."""
+def convert_hf_to_mcore(options: ConvertOptions, family_of: FamilyResolver) -> Path:
+    """Convert a Hugging Face checkpoint into a Megatron-Core distributed checkpoint."""
     reader = HFCheckpointReader(options.src)
-    config = QwenVLConfig.from_hf_dir(options.src)
-    check_layout(config, options.tp, options.pp)
-    stored_name = {canonical_hf_name(name): name for name in reader.names}
+    family = family_of(Path(options.src))
+    config = family.read_config(options.src)
+    family.check_layout(config, options.tp, options.pp)
+    stored_name = {family.canonical_hf_name(name): name for name in reader.names}
 
     def read_hf(name: str) -> torch.Tensor:
         if name not in stored_name:
@@ -118,7 +99,7 @@ def convert_hf_to_mcore(options: ConvertOptions) -> Path:
         "intended_pp": options.pp,
     }
     with single_process_megatron():
-        model = QwenVLCheckpointModel(config, _hf_dtype(reader))
+        model = family.checkpoint_model(config, _hf_dtype(reader))
         with atomic_output_dir(options.out, overwrite=options.overwrite) as staging, _progress(
             len(model.template.chunks), "HF -> Megatron", options.progress
         ) as bar:
@@ -139,7 +120,6 @@ def convert_hf_to_mcore(options: ConvertOptions) -> Path:
     return Path(options.out)
 
 
-EMBEDDING_KEY = "language_model.embedding.word_embeddings.weight"
 _LAYER = re.compile(r"^(?P<stack>.*\.layers)\.(?P<index>\d+)\.")
 
 
@@ -166,7 +146,7 @@ def _template_dir(options: ConvertOptions) -> Path:
     return own
 
 
-def convert_mcore_to_hf(options: ConvertOptions) -> Path:
+def convert_mcore_to_hf(options: ConvertOptions, family_of: FamilyResolver) -> Path:
     """Convert a Megatron-Core distributed checkpoint (saved at any TP/PP) into a Hugging Face checkpoint."""
     from megatron.core.dist_checkpointing import check_is_distributed_checkpoint
 
@@ -174,14 +154,14 @@ def convert_mcore_to_hf(options: ConvertOptions) -> Path:
     if not check_is_distributed_checkpoint(str(src)):
         raise ValueError(f"{src} is not a Megatron-Core distributed checkpoint (no valid metadata.json)")
     template_dir = _template_dir(options)
-    load_qwen_vl_config(template_dir)  # a clear error for a template that is not Qwen-VL
-    config = QwenVLConfig.from_hf_dir(template_dir)
+    family = family_of(template_dir)  # a clear error for a template of no known family
+    config = family.read_config(template_dir)
     with single_process_megatron():
         # The word embeddings are stored in the model's dtype (some small parameters may be kept in fp32).
-        model_dtype = stored_dtypes(src).get(EMBEDDING_KEY)
+        model_dtype = stored_dtypes(src).get(family.embedding_key)
         if model_dtype is None:
-            raise ValueError(f"{src} has no {EMBEDDING_KEY!r}: not a checkpoint of a Qwen-VL model")
-        model = QwenVLCheckpointModel(config, model_dtype)
+            raise ValueError(f"{src} has no {family.embedding_key!r}: not a checkpoint of a {family.name} model")
+        model = family.checkpoint_model(config, model_dtype)
         check_matches_template(src, model.template)  # before anything is written
         groups = layer_groups(list(model.template.param_shapes), options.layers_per_step)
         specs = model.hf_specs([name for group in groups for name in group])

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from lmmrl_megatron.config.schema import RunConfig
 from lmmrl_megatron.data.config import DataConfig
-from lmmrl_megatron.eval.config import EvalSetConfig
+from lmmrl_megatron.config.eval import EvalSetConfig
 from lmmrl_megatron.reward.config import RewardConfig
 from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from lmmrl_megatron.config.schema import RunConfig
+if TYPE_CHECKING:  # annotations only: the config validator (config/validate.py) imports this module
+    from lmmrl_megatron.config.schema import RunConfig
 
 
 @dataclass(frozen=True)

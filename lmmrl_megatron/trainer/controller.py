@@ -280,7 +280,7 @@ class RLTrainer:
     def report(self) -> None:
         """Plots of the run beside metrics.jsonl and the before/after table of its evaluations (eval_summary.md).
         A failure here is printed, not raised: the training it reports on is done and saved."""
-        from lmmrl_megatron.eval.summary import run_eval_summary
+        from lmmrl_megatron.trainer.eval_summary import run_eval_summary
         from lmmrl_megatron.trainer.plots import plot_run
 
         try:

@@ -2,9 +2,10 @@
 critic (PPO with GAE) when the algorithm needs them.
 
 The controller creates `world_size` of these as Ray actors. Each joins one torch.distributed world (NCCL on
-GPUs, gloo on CPU), builds its pipeline stage of the Qwen-VL model at the configured TP x PP layout, loads the
-Hugging Face weights through the shared mapping, and then serves the controller's requests. Every request carries
-the whole step's samples (one Ray object, not copied per rank); each rank takes its data-parallel share.
+GPUs, gloo on CPU), builds its pipeline stage of the model at the configured TP x PP layout, loads the
+Hugging Face weights through the shared mapping, and then serves the controller's requests; it knows the model only
+through its family (`models/registry.py`: build, forward, export mapping). Every request carries the whole step's
+samples (one Ray object, not copied per rank); each rank takes its data-parallel share.
 """
 
 from __future__ import annotations
@@ -28,18 +29,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
-
-
-def qwen_vl_forward(model: torch.nn.Module, micro_batch: MicroBatch) -> torch.Tensor:
-    """Logits of this rank's vocabulary slice on the last stage, hidden states on the others."""
-    out = model(
-        micro_batch.input_ids,
-        micro_batch.attention_mask,
-        pixel_values=micro_batch.pixel_values,
-        image_grid_thw=micro_batch.image_grid_thw,
-        return_logits=True,
-    )
-    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def make_policy_loss(config: AlgorithmConfig, normaliser: float, kl_coef: float):
@@ -73,18 +62,12 @@ def make_value_loss(config: AlgorithmConfig, normaliser: float):
     return loss_fn
 
 
-def qwen_vl_shards_to_hf(qwen_config: Any, transformer_impl: str):
-    """The export's converter: a parameter's global Megatron name and TP shards -> its Hugging Face tensors."""
-    from lmmrl_megatron.convert.mapping import mcore_shards_to_hf
-    from lmmrl_megatron.convert.qwen_vl import qwen_vl_params
+def _family_of(pretrain: str):
+    from lmmrl_megatron.models.registry import family_of_hf_dir
 
-    by_name = {param.mcore_name: param for param in qwen_vl_params(qwen_config, transformer_impl)}
-
-    def convert(global_name: str, tp_shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-        param = by_name[global_name]
-        return list(mcore_shards_to_hf(param, tp_shards).items()) if param.exported else []
-
-    return convert
+    if not pretrain:
+        raise ValueError("model.pretrain must name a Hugging Face checkpoint directory")
+    return family_of_hf_dir(Path(pretrain))
 
 
 def optimizer_step_count(optimizer) -> float:
@@ -147,16 +130,18 @@ class PolicyWorker:
 
         temperature = self.config.rollout.temperature or 1.0
         bf16 = self.config.model.dtype == "bf16"
+        self.family = _family_of(self.config.model.pretrain)
         self.actor_chunks = self._build_model()
         # The rollout engines never sample vision placeholders; the log-probs are those of what they sample.
         never_sampled = self.never_sampled_token_ids
+        forward = self.family.forward
         self.engines["actor"] = MegatronEngine(
-            self.actor_chunks, qwen_vl_forward, self.num_real_vocab, self.config.trainer.actor, temperature, bf16,
+            self.actor_chunks, forward, self.num_real_vocab, self.config.trainer.actor, temperature, bf16,
             excluded_token_ids=never_sampled,
         )
         if self.with_reference:
             self.engines["reference"] = MegatronEngine(
-                self._build_model(), qwen_vl_forward, self.num_real_vocab, None, temperature, bf16,
+                self._build_model(), forward, self.num_real_vocab, None, temperature, bf16,
                 excluded_token_ids=never_sampled,
             )
         if self.with_critic:
@@ -166,20 +151,15 @@ class PolicyWorker:
             for chunk in critic_chunks:
                 attach_value_head(chunk)
             self.engines["critic"] = MegatronEngine(
-                critic_chunks, qwen_vl_forward, self.num_real_vocab, self.config.trainer.critic, bf16=bf16, head="values"
+                critic_chunks, forward, self.num_real_vocab, self.config.trainer.critic, bf16=bf16, head="values"
             )
         return {"dp": ps.get_data_parallel_world_size(), "tp": parallel.tp, "pp": parallel.pp}
 
     def _build_model(self) -> list[torch.nn.Module]:
-        from lmmrl_megatron.trainer.policy_model import build_policy_chunks
-
-        chunks, qwen_config = build_policy_chunks(self.config.model, self.config.parallel, self.use_gpu)
-        self.num_real_vocab = qwen_config.text.vocab_size
-        tokens = qwen_config.tokens
-        self.never_sampled_token_ids = (
-            tokens.image_token_id, tokens.video_token_id, tokens.vision_start_token_id, tokens.vision_end_token_id
-        )
-        self.shards_to_hf = qwen_vl_shards_to_hf(qwen_config, self.config.model.transformer_impl)
+        chunks, model_config = self.family.build_policy_chunks(self.config.model, self.config.parallel, self.use_gpu)
+        self.num_real_vocab = self.family.vocab_size(model_config)
+        self.never_sampled_token_ids = self.family.never_sampled_token_ids(model_config)
+        self.shards_to_hf = self.family.shards_to_hf(model_config, self.config.model.transformer_impl)
         return chunks
 
     # -- requests -------------------------------------------------------------------------------------------------

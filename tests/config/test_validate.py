@@ -105,7 +105,7 @@ def test_eval_and_removed_fields_fail_at_load_time(override, message):
 
 # Fields a later piece of work reads; each entry says which.
 READ_ELSEWHERE: dict[str, str] = {}
-CONFIG_MODULES = ("config/sections.py", "algorithms/config.py", "data/config.py", "reward/config.py", "eval/config.py")
+CONFIG_MODULES = ("config/sections.py", "algorithms/config.py", "data/config.py", "reward/config.py", "config/eval.py")
 
 
 def _fields(cls, prefix=""):

@@ -38,7 +38,7 @@ def _build_chunk(hf_dir: str):
 
 
 def _mapping(hf_dir: str):
-    from lmmrl_megatron.convert.qwen_vl_ckpt import qwen_vl_shards_to_hf
+    from lmmrl_megatron.models.qwen_vl.checkpoint_model import qwen_vl_shards_to_hf
     from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
 
     return qwen_vl_shards_to_hf(QwenVLConfig.from_hf_dir(hf_dir))
@@ -98,7 +98,7 @@ def load_export_forward_save(
 def hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF checkpoint, by hub name."""
     from lmmrl_megatron.convert.hf_io import HFCheckpointReader
-    from lmmrl_megatron.convert.qwen_vl import canonical_hf_name
+    from lmmrl_megatron.models.qwen_vl.mapping import canonical_hf_name
 
     with HFCheckpointReader(hf_dir) as reader:
         return {canonical_hf_name(name): reader.get(name) for name in reader.names}

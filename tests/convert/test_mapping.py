@@ -16,7 +16,7 @@ from lmmrl_megatron.convert.mapping import (
     local_mcore_name,
     mcore_shards_to_hf,
 )
-from lmmrl_megatron.convert.qwen_vl import canonical_hf_name, exported_hf_names, qwen_vl_chunk_params, qwen_vl_params
+from lmmrl_megatron.models.qwen_vl.mapping import canonical_hf_name, exported_hf_names, qwen_vl_chunk_params, qwen_vl_params
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
 from lmmrl_megatron.testing.make_tiny import apply_override, default_config_dict
 

@@ -20,7 +20,7 @@ import torch
 from lmmrl_megatron.convert.dcp_stream import CheckpointTemplate, template_from_sharded_state_dict
 from lmmrl_megatron.convert.hf_io import TensorSpec, expected_hf_specs
 from lmmrl_megatron.convert.mapping import hf_to_mcore_shard, mcore_shards_to_hf
-from lmmrl_megatron.convert.qwen_vl_ckpt import build_meta_model
+from lmmrl_megatron.models.qwen_vl.checkpoint_model import build_meta_model
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -48,7 +48,7 @@ def fake_world(tp: int, pp: int, tp_rank: int, pp_rank: int) -> Iterator[None]:
 
 
 def _meta_chunk(config: QwenVLConfig, pp_rank: int):
-    from lmmrl_megatron.convert.qwen_vl_ckpt import _cuda_device_reads_as_meta
+    from lmmrl_megatron.models.qwen_vl.checkpoint_model import _cuda_device_reads_as_meta
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
 

@@ -10,7 +10,7 @@ import torch
 
 from lmmrl_megatron.config import RunConfig, load_config
 from lmmrl_megatron.eval.evaluator import Evaluator, pass_at_k, set_metrics
-from lmmrl_megatron.eval.summary import eval_table, run_eval_summary
+from lmmrl_megatron.trainer.eval_summary import eval_table, run_eval_summary
 from lmmrl_megatron.rollout.engine import GenerationOutput
 
 REPO = Path(__file__).resolve().parents[2]

@@ -64,7 +64,7 @@ class Reference:
 def _reference(hf_dir: Path) -> Reference:
     from transformers import AutoModelForImageTextToText
 
-    from lmmrl_megatron.convert.qwen_vl import canonical_hf_name
+    from lmmrl_megatron.models.qwen_vl.mapping import canonical_hf_name
 
     batch = build_parity_batch(hf_dir)
     model = AutoModelForImageTextToText.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="sdpa")

@@ -101,7 +101,7 @@ def test_evaluation_before_and_after_training_plots_and_lmmrl_eval(assets, tmp_p
     (its final checkpoint converted back to Hugging Face) reproduces the run's own last evaluation."""
     from safetensors.torch import load_file
 
-    from lmmrl_megatron.eval.standalone import evaluate_models
+    from lmmrl_megatron.cli.eval_models import evaluate_models
 
     run_dir = tmp_path / "run"
     config = make_config(

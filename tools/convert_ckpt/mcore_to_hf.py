@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from lmmrl_megatron.convert.hf_io import DEFAULT_MAX_SHARD_BYTES  # noqa: E402
 from lmmrl_megatron.convert.pipeline import ConvertOptions, convert_mcore_to_hf  # noqa: E402
+from lmmrl_megatron.models.registry import family_of_hf_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_shard_bytes=max(1, int(args.max_shard_gb * 1024**3)),
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
-            )
+            ),
+            family_of_hf_dir,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from torch import Tensor
 
 from lmmrl_megatron.convert.mapping import MappedParam, hf_to_mcore_shard, local_mcore_name
-from lmmrl_megatron.convert.qwen_vl import canonical_hf_name, qwen_vl_chunk_params
+from lmmrl_megatron.models.qwen_vl.mapping import canonical_hf_name, qwen_vl_chunk_params
 from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
 
 

@@ -13,7 +13,8 @@ rotary positions are computed from them when `position_ids` is not given.
 The decoder is Megatron's `GPTModel` (`position_embedding_type="mrope"`) with the layer specs of `spec.py`; the
 vocabulary is padded for TP and padded logits are masked before any softmax; tied embeddings follow Megatron's
 shared-embedding mechanics (the last stage holds a copy, kept equal by the embedding-group gradient all-reduce);
-KV heads fewer than TP ranks are replicated with their gradients summed (`kv_replicas.py`).
+KV heads fewer than TP ranks are replicated with their gradients summed (`kv_replicas.py`) and stored once in
+checkpoints (`kv_checkpoint.py`).
 
 Padding: `attention_mask` [B, S] (nonzero = real token) may pad on either side. With `packed=True` the real tokens
 are packed into one row and attention runs per sample, so no compute is spent on padding; results are returned in
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from lmmrl_megatron.convert.mapping import decoder_layer_range
 from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig, decoder_transformer_config
+from lmmrl_megatron.models.qwen_vl.kv_checkpoint import store_kv_heads_unreplicated
 from lmmrl_megatron.models.qwen_vl.kv_replicas import attach_kv_replica_grad_sync
 from lmmrl_megatron.models.qwen_vl.logprobs import mask_padded_vocab, vocab_parallel_log_probs
 from lmmrl_megatron.models.qwen_vl.packed import PackedBatch, pack_padded_batch, unpack_to_padded
@@ -122,6 +124,13 @@ class QwenVLModel(MegatronModule):
 
     def shared_embedding_or_output_weight(self) -> Tensor:
         return self.language_model.shared_embedding_or_output_weight()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron's sharded state dict, with replicated KV heads stored once (`kv_checkpoint.py`): the
+        checkpoint then has the same tensors at every TP size."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        return store_kv_heads_unreplicated(state, self.qwen_config.text, tp_rank, self.options.tp)
 
     # ------------------------------------------------------------------------------------------ forward
 

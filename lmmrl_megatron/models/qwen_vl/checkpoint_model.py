@@ -5,7 +5,7 @@
     on the meta device (no memory, no GPU);
   - `hf_to_mcore(name, read_hf)`: one parameter's full (TP=1) value from Hugging Face tensors;
   - `mcore_to_hf(name, value)`: one parameter's Hugging Face tensors ([] for the tied output-layer copy).
-Both directions go through the one mapping (`convert/mapping.py`, `convert/qwen_vl.py`).
+Both directions go through the one mapping (`convert/mapping.py`, `models/qwen_vl/mapping.py`).
 
 `qwen_vl_shards_to_hf(config)` is the same mapping in the shape the live export wants (`export.ShardsToHF`).
 """
@@ -22,7 +22,7 @@ from lmmrl_megatron.convert.dcp_stream import CheckpointTemplate, template_from_
 from lmmrl_megatron.convert.export import HFTensors, ShardsToHF
 from lmmrl_megatron.convert.hf_io import TensorSpec
 from lmmrl_megatron.convert.mapping import MappedParam, hf_to_mcore_shard, mcore_shards_to_hf
-from lmmrl_megatron.convert.qwen_vl import TransformerImpl, qwen_vl_params
+from lmmrl_megatron.models.qwen_vl.mapping import TransformerImpl, qwen_vl_params
 from lmmrl_megatron.models.qwen_vl.config import DType, QwenVLBuildOptions, QwenVLConfig
 
 DTYPE_NAMES: dict[torch.dtype, DType] = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -25,6 +25,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from lmmrl_megatron.convert.hf_io import canonical_hf_name  # noqa: F401 (the family's naming, re-exported)
 from lmmrl_megatron.convert.mapping import (
     Copy,
     FusedGateUp,
@@ -49,23 +50,10 @@ from lmmrl_megatron.models.qwen_vl.vision_layout import (
 
 TransformerImpl = Literal["local", "transformer_engine"]
 
-_HF_PREFIX_ALIASES: tuple[tuple[str, str], ...] = (
-    ("model.language_model.", "model."),
-    ("model.visual.", "visual."),
-)
-
 DECODER = "language_model.decoder.layers.{layer}."
 HF_LAYER = "model.layers.{layer}."
 VISION = "vision_model."
 HF_VISION = "visual."
-
-
-def canonical_hf_name(name: str) -> str:
-    """The hub name of an HF tensor name in either layout (transformers 5 `save_pretrained` or the hub's)."""
-    for new, old in _HF_PREFIX_ALIASES:
-        if name.startswith(new):
-            return old + name[len(new) :]
-    return name
 
 
 def decoder_rules(config: QwenVLConfig, transformer_impl: TransformerImpl = "local") -> list[ParamRule]:

@@ -44,6 +44,7 @@ def resolve_model(path: str | Path, work_dir: Path) -> Path:
             return path / "hf"
         if (path / "actor").is_dir():
             from lmmrl_megatron.convert.pipeline import ConvertOptions, convert_mcore_to_hf
+            from lmmrl_megatron.models.registry import family_of_hf_dir
 
             out = work_dir / "models" / f"{path.parent.parent.name}_{path.name}"
             if not (out / "config.json").is_file():
@@ -51,7 +52,7 @@ def resolve_model(path: str | Path, work_dir: Path) -> Path:
                 options = ConvertOptions(
                     src=str(path / "actor"), out=str(out), hf_template=_hf_template_of(path), overwrite=True
                 )
-                convert_mcore_to_hf(options)
+                convert_mcore_to_hf(options, family_of_hf_dir)
             return out
         raise ValueError(f"{path} is a checkpoint with neither hf/ nor actor/")
     if (path / "config.json").is_file():
@@ -95,7 +96,7 @@ def evaluate_models(
     """Evaluate each (label, path) in turn; write `samples.jsonl` (every prompt, response and score, with the
     model's label), `metrics.json` and `summary.md` to `out_dir`; return (label, metrics) per model."""
     from lmmrl_megatron.config.validate import validate_run_config
-    from lmmrl_megatron.eval.summary import eval_table
+    from lmmrl_megatron.trainer.eval_summary import eval_table
 
     validate_run_config(config, training=False, check_model=False)  # before any model is converted
     out = Path(out_dir)

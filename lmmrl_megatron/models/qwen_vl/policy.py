@@ -1,13 +1,18 @@
-"""Build this rank's chunks of the Qwen-VL policy at the configured layout and fill them from the HF checkpoint."""
+"""Qwen-VL as the trainer runs it: this rank's chunks at the configured layout, filled from the HF checkpoint, and
+the forward the training engine calls on them. The trainer reaches both through the family (`family.py`).
+
+`model` and `parallel` are the run config's `ModelConfig` and `ParallelConfig` (config/sections.py), read by their
+fields: models/ does not import config/ (which reaches the rollout backends, which read model configs).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from lmmrl_megatron.config.sections import ModelConfig, ParallelConfig
 
-
-def build_policy_chunks(model: ModelConfig, parallel: ParallelConfig, use_gpu: bool):
+def build_policy_chunks(model: Any, parallel: Any, use_gpu: bool):
     """Return (model chunks of this pipeline rank, the model's QwenVLConfig), weights loaded from `model.pretrain`."""
     from megatron.core import parallel_state as ps
 
@@ -50,3 +55,21 @@ def build_policy_chunks(model: ModelConfig, parallel: ParallelConfig, use_gpu: b
             chunk.vision_model.requires_grad_(False)
         chunks.append(chunk)
     return chunks, qwen_config
+
+
+def qwen_vl_forward(model: torch.nn.Module, micro_batch: Any) -> torch.Tensor:
+    """Logits of this rank's vocabulary slice on the last stage, hidden states on the others (a `MicroBatch`)."""
+    out = model(
+        micro_batch.input_ids,
+        micro_batch.attention_mask,
+        pixel_values=micro_batch.pixel_values,
+        image_grid_thw=micro_batch.image_grid_thw,
+        return_logits=True,
+    )
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def never_sampled_token_ids(config: Any) -> tuple[int, ...]:
+    """The vision placeholders of a `QwenVLConfig`: no rollout engine samples them, so the log-probs leave them out."""
+    tokens = config.tokens
+    return tokens.image_token_id, tokens.video_token_id, tokens.vision_start_token_id, tokens.vision_end_token_id
