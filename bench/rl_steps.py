@@ -62,7 +62,10 @@ def main() -> None:
     dtype = "bf16" if args.gpus else "fp32"
     if not (model_dir / "config.json").exists():
         start = time.perf_counter()
-        make_tiny_checkpoint("qwen2_5_vl", model_dir, seed=0, overrides=SHAPES[args.shape], dtype=dtype)
+        make_tiny_checkpoint(
+            "qwen2_5_vl", model_dir, seed=0, overrides=SHAPES[args.shape], dtype=dtype,
+            device="cuda" if args.gpus else "cpu",
+        )
         print(f"wrote {args.shape} checkpoint in {time.perf_counter() - start:.1f}s")
     if not (data_dir / "train.jsonl").exists():
         write_synthetic(["--task", "color_of_shape", "--n", "256", "--out", str(data_dir), "--seed", "0"])
