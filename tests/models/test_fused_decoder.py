@@ -51,6 +51,7 @@ def fused_against_unfused(hf_dir: str, recompute: str) -> bytes:
         kinds = (isinstance(layer.self_attention, fused.FusedRopeSelfAttention),
                  isinstance(layer.mlp, fused.FusedSwiGLUMLP),
                  isinstance(layer.mlp.linear_fc1, fused.PlainColumnLinear),
+                 isinstance(layer.input_layernorm, fused.FusedRMSNorm),
                  getattr(layer.mlp.linear_fc1, "_plain", False))
         model.train()
         out: dict[str, object] = {"kinds": kinds}
@@ -78,13 +79,15 @@ def test_fused_equals_unfused(hf_dir: Path, tp: int, recompute: str) -> None:
     result = from_bytes(run_distributed(fused_against_unfused, world_size=tp, tp=tp, args=(str(hf_dir), recompute),
                                         timeout_s=600)[0])
     ref, ours = result["unfused"], result["fused"]
-    assert ref["kinds"] == (False, False, False, False)
-    assert ours["kinds"] == (True, True, True, tp == 1)  # F.linear only where Megatron's linear is an identity
+    assert ref["kinds"] == (False, False, False, False, False)
+    assert ours["kinds"] == (True, True, True, True, tp == 1)  # F.linear only where Megatron's linear is an identity
     for name in ("text", "multimodal", "multimodal packed"):
         (ref_lp, ref_grads), (lp, grads) = ref[name], ours[name]
         assert (ref_lp != 0).sum() > 50, name
-        torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5, msg=f"{name} log-probs")
+        torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n} log-probs: {m}")
         assert sorted(grads) == sorted(ref_grads), f"{name}: {set(grads) ^ set(ref_grads)}"
         for param, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[param], rtol=1e-5, atol=1e-6, msg=f"{name} grad {param}")
+            # fp32 rounding of the hand-written RMSNorm backward, summed over the layers
+            torch.testing.assert_close(grad, ref_grads[param], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, n=name, p=param: f"{n} grad {p}: {m}")
     torch.testing.assert_close(ours["vision"], ref["vision"], rtol=0, atol=0)

@@ -11,6 +11,8 @@ and mul, storing the SiLU output for backward. Here:
 - `FusedRopeSelfAttention`: rotary applied to q and k in one autograd function, from cos/sin computed once per
   forward and shared by all layers (`RopeCosSinCache`, keyed on the frequency tensor Megatron hands every layer);
 - `FusedSwiGLUMLP`: SiLU(gate) * up in one autograd function that saves only its input;
+- `FusedRMSNorm`: the same fp32 RMSNorm (Qwen2's cast-then-scale order) as one autograd function with a hand
+  backward, keeping only its input (the unfused one keeps an fp32 copy of it, the normalised tensor and more);
 - `PlainColumnLinear` / `PlainRowLinear`: at TP=1 a plain `F.linear` (the same parameters and attributes, so
   loading, checkpoints and the optimizer see Megatron's layers unchanged); at TP>1 Megatron's forward.
 
@@ -32,6 +34,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 from torch import Tensor
+
+from lmmrl_megatron.models.qwen_vl.spec import RMSNorm
 
 logger = logging.getLogger(__name__)
 
@@ -298,3 +302,51 @@ class PlainRowLinear(RowParallelLinear):
         if self.skip_bias_add:
             return F.linear(input_, self.weight), self.bias
         return F.linear(input_, self.weight, self.bias), None
+
+
+# ---------------------------------------------------------------------------------------------- RMSNorm
+
+
+def _rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # spec.RMSNorm's operations in its order: normalise in fp32, cast back, then scale
+    states = x.float()
+    states = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * states.to(x.dtype)
+
+
+def _rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    states = x.float()
+    rstd = torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + eps)
+    normed = (states * rstd).to(x.dtype)
+    grad_weight = (grad * normed).reshape(-1, grad.size(-1)).sum(0)
+    grad_normed = (grad * weight).float()
+    # d/dx of x * rstd(x): rstd * g - x * rstd^3 * mean(g * x)
+    grad_x = rstd * grad_normed - states * (rstd.pow(3) * (grad_normed * states).mean(-1, keepdim=True))
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
+
+
+_rms_norm_forward_kernel = _MaybeCompiled(_rms_norm_forward)
+_rms_norm_backward_kernel = _MaybeCompiled(_rms_norm_backward)
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return _rms_norm_forward_kernel(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_weight = _rms_norm_backward_kernel(grad.contiguous(), x, weight, ctx.eps)
+        return grad_x, grad_weight, None
+
+
+class FusedRMSNorm(RMSNorm):
+    """`spec.RMSNorm` (same parameter and attributes) computed by one autograd function."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if hidden_states.dtype != self.weight.dtype:
+            return super().forward(hidden_states)  # mixed dtypes: keep the reference's type promotion
+        return _FusedRMSNorm.apply(hidden_states, self.weight, self.eps)

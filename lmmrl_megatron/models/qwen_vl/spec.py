@@ -79,9 +79,16 @@ def _local_layer_spec(fused: bool) -> ModuleSpec:
         ),
     )
     base.self_attention = attention
-    base.input_layernorm = RMSNorm
-    base.pre_mlp_layernorm = RMSNorm
+    base.input_layernorm = base.pre_mlp_layernorm = _rms_norm(fused)
     return ModuleSpec(module=TransformerLayer, submodules=base)
+
+
+def _rms_norm(fused: bool) -> type[torch.nn.Module]:
+    if not fused:
+        return RMSNorm
+    from lmmrl_megatron.models.qwen_vl.fused import FusedRMSNorm
+
+    return FusedRMSNorm
 
 
 def _te_layer_spec() -> ModuleSpec:
@@ -102,7 +109,8 @@ def decoder_block_spec(
     """The block spec of one model chunk holding `num_layers` decoder layers (`fused`: the local spec with
     `fused.py`'s attention, MLP and linears; transformer-engine fuses by itself)."""
     if transformer_impl == "local":
-        return TransformerBlockSubmodules(layer_specs=[_local_layer_spec(fused)] * num_layers, layer_norm=RMSNorm)
+        layer_specs = [_local_layer_spec(fused)] * num_layers
+        return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_rms_norm(fused))
     if transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
 
