@@ -54,7 +54,7 @@ class _MaybeCompiled:
         if not (self.enabled and args[0].is_cuda):
             return self.fn(*args)
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=None)
+            self.compiled = torch.compile(self.fn, dynamic=True)  # RL lengths vary: one symbolic-shape graph
         try:
             return self.compiled(*args)
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop training: run eagerly
