@@ -536,7 +536,8 @@ def _run_pair(name: str, shape: Shape, args: argparse.Namespace, report: dict, m
 def print_table(results: list[Result], peak: float, device_name: str) -> str:
     hf_speed = {(r.shape, r.batch): r.tokens_per_s for r in results if r.impl == "hf" and not r.error}
     lines = [f"device: {device_name}; measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (MFU is over it)", "",
-             "| shape | impl | fused | batch | recompute | step ms | tokens/s | model TFLOP/s | MFU | peak mem GiB | vs HF |",
+             "| shape | impl | fused | batch | recompute | step ms | tokens/s | model TFLOP/s | MFU | peak mem GiB "
+             "| vs HF |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if r.error:
