@@ -59,7 +59,7 @@ def _local_layer_spec(fused: bool) -> ModuleSpec:
     base = get_gpt_layer_local_submodules(normalization="RMSNorm")
     linear_qkv, linear_proj = base.self_attention.submodules.linear_qkv, base.self_attention.submodules.linear_proj
     attention_module = SelfAttention
-    if fused:  # fused.py: shared rotary tables and one rotary op, one SwiGLU op, F.linear at TP=1
+    if fused:  # fused.py: shared rotary tables and one rotary op, one SwiGLU op, one RMSNorm op, F.linear at TP=1
         from lmmrl_megatron.models.qwen_vl import fused as fused_ops
 
         attention_module, linear_qkv, linear_proj = (
