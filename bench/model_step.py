@@ -3,12 +3,15 @@
     python bench/model_step.py                        # GPU: 3B and 7B shapes, bf16, 1 x 4096 tokens with 2 images
     python bench/model_step.py --tiny                 # CPU: tiny shapes, fp32, the same code path (a smoke test)
     python bench/model_step.py --shapes 3b --recompute none,selective --json out.json
+    python bench/model_step.py --shapes 3b --recompute none --fused on,off --out table.md   # before/after fusion
 
 One run does, in order: the GPU's bf16 matmul peak (8192^3, warm-ups then the mean of timed products); then for
 each shape: transformers' `Qwen2_5_VLForConditionalGeneration` (attn_implementation="sdpa", bf16, gradient
 checkpointing off) built from a seed and timed; our `QwenVLModel` at TP=1 built and loaded with the SAME weights
 (`load_hf_state_dict`), the per-token log-prob parity of both on fixed batches, then ours timed at each recompute
-setting. Random weights: nothing is downloaded. Megatron's parallel state runs with world size 1 (NCCL on GPU,
+setting and each `--fused` setting (on: `models/qwen_vl/fused.py`'s layers, the default build; off: Megatron's
+unfused local layers; both hold the same weights and get their own parity lines). Random weights: nothing is
+downloaded. Megatron's parallel state runs with world size 1 (NCCL on GPU,
 gloo on CPU). A step is: zero grads, forward, log-probs of the labels (fp32), loss = -mean, backward. No optimizer.
 
 Model FLOPs of one step (fwd + bwd = 3 x fwd; a matmul [m,k]x[k,n] is 2mkn forward; recomputation not counted):
@@ -200,6 +203,7 @@ class Result:
     impl: str
     batch: str
     recompute: str
+    fused: str = ""  # ours: "on" = models/qwen_vl/fused.py's layers, "off" = Megatron's unfused local layers
     step_s: float = float("nan")
     step_s_median: float = float("nan")
     tokens_per_s: float = float("nan")
@@ -236,7 +240,7 @@ def bench(result: Result, step: Callable[[], None], flops: Flops, tokens: int, a
     result.flops = asdict(flops)
     if args.device == "cuda":
         result.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
-    print(f"  {result.impl:5s} {result.batch:12s} {result.recompute:9s} step {mean * 1e3:8.1f} ms "
+    print(f"  {result.impl:5s} {result.fused:3s} {result.batch:12s} {result.recompute:9s} step {mean * 1e3:8.1f} ms "
           f"(median {result.step_s_median * 1e3:.1f}, min {min(seconds) * 1e3:.1f}, max {max(seconds) * 1e3:.1f}) "
           f"{result.tokens_per_s:9.0f} tok/s {result.tflops:7.1f} TFLOP/s MFU {result.mfu:6.1%} "
           f"mem {result.peak_mem_gib:5.1f} GiB", flush=True)
@@ -332,11 +336,11 @@ def init_megatron(device: str, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def build_ours(qwen_config, dtype: str, device: str, recompute: str):
+def build_ours(qwen_config, dtype: str, device: str, recompute: str, fused: bool = True):
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
 
-    options = QwenVLBuildOptions(tp=1, pp=1, dtype=dtype, recompute=recompute,
+    options = QwenVLBuildOptions(tp=1, pp=1, dtype=dtype, recompute=recompute, fused_kernels=fused,
                                  use_cpu_initialization=device == "cpu", perform_initialization=False)
     return QwenVLModel(qwen_config, options, pre_process=True, post_process=True)
 
@@ -438,22 +442,23 @@ def run_shape(name: str, args: argparse.Namespace, peak: float, report: dict) ->
           f"tokens, images {shape.image_grids} patches ({n_img} patches, {n_img // 4} image tokens), tied={shape.tied}",
           flush=True)
 
-    def bench_all(model, impl: str, recompute: str, profile_it: bool) -> None:
+    def bench_all(model, impl: str, recompute: str, profile_it: bool, fused: str = "") -> None:
         for label, batch in batches.items():
             flops = step_flops(shape, batch)
-            results.append(bench(Result(name, impl, label, recompute), make_step(model, batch, impl), flops,
+            results.append(bench(Result(name, impl, label, recompute, fused), make_step(model, batch, impl), flops,
                                  batch.num_tokens, args, peak))
             free()
         if recompute == "none" and not args.no_vision_only:
             flops = step_flops(shape, mm, with_text=False)
             patches = int(mm.image_grid_thw.prod(dim=-1).sum())  # tokens/s of this row counts vision patches
-            results.append(bench(Result(name, impl, f"vision {patches}p", recompute),
+            results.append(bench(Result(name, impl, f"vision {patches}p", recompute, fused),
                                  make_vision_step(model, mm, impl), flops, patches, args, peak))
             free()
         if profile_it:
             try:
-                report.setdefault("profiles", {})[f"{name} {impl} {recompute}"] = profile_step(
-                    make_step(model, mm, impl), f"{name} {impl} recompute={recompute} 1x{shape.seq} mm", device)
+                key = f"{name} {impl} {recompute}" + (f" fused={fused}" if fused else "")
+                report.setdefault("profiles", {})[key] = profile_step(
+                    make_step(model, mm, impl), f"{key} 1x{shape.seq} mm", device)
             except Exception as exc:  # noqa: BLE001 - a profiler failure must not lose the timings
                 print(f"  profile failed: {exc!r}")
             free()
@@ -489,47 +494,58 @@ def _run_pair(name: str, shape: Shape, args: argparse.Namespace, report: dict, m
 
     start = time.perf_counter()
     qwen_config = QwenVLConfig.from_hf_dict(hf.config.to_dict())
-    ours = build_ours(qwen_config, args.dtype, device, "none")
+    first = args.fused[0]
+    ours = build_ours(qwen_config, args.dtype, device, "none", fused=first == "on")
     loaded = load_hf_state_dict(ours, hf.state_dict())
     print(f"  ours built and loaded in {time.perf_counter() - start:.1f} s: {loaded.num_params} parameters from "
           f"{loaded.num_hf_tensors} HF tensors, {sum(p.numel() for p in ours.parameters()) / 1e9:.3f} B", flush=True)
+    variants = {first: ours}
+    for fused in args.fused[1:]:
+        variants[fused] = build_ours(qwen_config, args.dtype, device, "none", fused=fused == "on")
+        copy_weights(ours, variants[fused])
+    del ours
     if name in args.parity_shapes:
-        for label, batch in (("1x%d mm" % shape.seq, mm), ("padded 2-row", padded)):
-            try:
-                diffs = parity(hf, ours, batch, shape.text["vocab_size"])
-            except torch.OutOfMemoryError as exc:
-                diffs = {"error": f"OOM {str(exc).splitlines()[0][:100]}"}
-            report.setdefault("parity", {})[f"{name} {label}"] = diffs
-            print(f"  parity {label}: {json.dumps(diffs)}", flush=True)
-            free()
+        for fused, model in variants.items():
+            for label, batch in (("1x%d mm" % shape.seq, mm), ("padded 2-row", padded)):
+                try:
+                    diffs = parity(hf, model, batch, shape.text["vocab_size"])
+                except torch.OutOfMemoryError as exc:
+                    diffs = {"error": f"OOM {str(exc).splitlines()[0][:100]}"}
+                report.setdefault("parity", {})[f"{name} fused={fused} {label}"] = diffs
+                print(f"  parity fused={fused} {label}: {json.dumps(diffs)}", flush=True)
+                free()
     del hf
     free()
 
-    for recompute in args.recompute:
-        if recompute != "none":
-            variant = build_ours(qwen_config, args.dtype, device, recompute)
-            copy_weights(ours, variant)
-            del ours
-            ours = variant
-            free()
-        bench_all(ours, "ours", recompute,
-                  profile_it=args.profile and name in args.profile_shapes and recompute == "none")
-        ours.zero_grad(set_to_none=True)
-    del ours
+    for fused in list(variants):
+        ours = variants.pop(fused)
+        for recompute in args.recompute:
+            if recompute != "none":
+                variant = build_ours(qwen_config, args.dtype, device, recompute, fused=fused == "on")
+                copy_weights(ours, variant)
+                del ours
+                ours = variant
+                free()
+            profile_it = args.profile and name in args.profile_shapes and recompute == "none"
+            bench_all(ours, "ours", recompute, profile_it=profile_it, fused=fused)
+            ours.zero_grad(set_to_none=True)
+        del ours
+        free()
 
 
 def print_table(results: list[Result], peak: float, device_name: str) -> str:
     hf_speed = {(r.shape, r.batch): r.tokens_per_s for r in results if r.impl == "hf" and not r.error}
     lines = [f"device: {device_name}; measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (MFU is over it)", "",
-             "| shape | impl | batch | recompute | step ms | tokens/s | model TFLOP/s | MFU | peak mem GiB | vs HF |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| shape | impl | fused | batch | recompute | step ms | tokens/s | model TFLOP/s | MFU | peak mem GiB "
+             "| vs HF |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if r.error:
-            lines.append(f"| {r.shape} | {r.impl} | {r.batch} | {r.recompute} | {r.error} | | | | | |")
+            lines.append(f"| {r.shape} | {r.impl} | {r.fused} | {r.batch} | {r.recompute} | {r.error} | | | | | |")
             continue
         ref = hf_speed.get((r.shape, r.batch))
         ratio = f"{r.tokens_per_s / ref:.2f}x" if ref and r.impl == "ours" else ""
-        lines.append(f"| {r.shape} | {r.impl} | {r.batch} | {r.recompute} | {r.step_s * 1e3:.1f} | "
+        lines.append(f"| {r.shape} | {r.impl} | {r.fused} | {r.batch} | {r.recompute} | {r.step_s * 1e3:.1f} | "
                      f"{r.tokens_per_s:,.0f} | {r.tflops:.0f} | {r.mfu:.1%} | {r.peak_mem_gib:.1f} | {ratio} |")
     return "\n".join(lines)
 
@@ -542,17 +558,23 @@ def main() -> None:
     parser.add_argument("--parity-shapes", default="3b,7b,tiny")
     parser.add_argument("--profile", action="store_true", help="profile one step of each implementation")
     parser.add_argument("--profile-shapes", default="3b,tiny")
+    parser.add_argument("--fused", default="on,off",
+                        help="ours: comma list of on (models/qwen_vl/fused.py layers), off (Megatron's unfused ones)")
     parser.add_argument("--no-vision-only", action="store_true", help="skip timing the vision tower alone")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="write every figure to this file")
+    parser.add_argument("--out", default="", help="write the table and the parity lines (markdown) to this file")
     args = parser.parse_args()
     if args.tiny:
         args.shapes, args.warmup, args.iters = "tiny", 1, 2
     args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     args.dtype = "bf16" if args.device == "cuda" else "fp32"
     args.recompute = args.recompute.split(",")
+    args.fused = args.fused.split(",")
+    if not args.fused or any(f not in ("on", "off") for f in args.fused) or len(set(args.fused)) != len(args.fused):
+        parser.error(f"--fused must be a comma list of distinct 'on' / 'off', got {','.join(args.fused)!r}")
     args.parity_shapes, args.profile_shapes = args.parity_shapes.split(","), args.profile_shapes.split(",")
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -580,10 +602,13 @@ def main() -> None:
     report["peak_flops_end"] = peak_after
     report["results"] = [asdict(r) for r in results]
     table = print_table(results, peak, device_name)
+    parity_lines = [f"parity {key}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in diffs.items())
+                    for key, diffs in report.get("parity", {}).items()]
     print("\n" + table)
-    for key, diffs in report.get("parity", {}).items():
-        print(f"parity {key}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in diffs.items()))
+    print("\n".join(parity_lines))
+    if args.out:
+        Path(args.out).write_text(table + "\n\n" + "\n".join(f"- {line}" for line in parity_lines) + "\n")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1, default=str)

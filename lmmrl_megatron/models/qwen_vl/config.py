@@ -209,6 +209,8 @@ class QwenVLBuildOptions:
     dtype: DType = "bf16"
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     recompute: Literal["none", "selective", "full"] = "none"
+    # local layers: fused rotary / SwiGLU and plain TP=1 linears (models/qwen_vl/fused.py); False = Megatron's own
+    fused_kernels: bool = True
     make_vocab_size_divisible_by: int = 128
     use_cpu_initialization: bool = False
     perform_initialization: bool = True  # False when weights are loaded right after building

@@ -80,7 +80,9 @@ class QwenVLModel(MegatronModule):
         self.layer_range = decoder_layer_range(config.text.num_layers, options.shard_layout, pp_rank, vp_stage)
         self.language_model = GPTModel(
             config=decoder_config,
-            transformer_layer_spec=decoder_block_spec(decoder_config, options.transformer_impl, len(self.layer_range)),
+            transformer_layer_spec=decoder_block_spec(
+                decoder_config, options.transformer_impl, len(self.layer_range), fused=options.fused_kernels
+            ),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=config.text.max_position_embeddings,
             pre_process=pre_process,

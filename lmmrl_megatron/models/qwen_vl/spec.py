@@ -17,6 +17,8 @@ Both use `AttnMaskType.padding_causal`: causal attention, plus a key-padding mas
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_submodules,
@@ -24,6 +26,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -52,21 +55,40 @@ class RMSNorm(torch.nn.Module):
         return self.weight * states.to(dtype)
 
 
-def _local_layer_spec() -> ModuleSpec:
+def _local_layer_spec(fused: bool) -> ModuleSpec:
     base = get_gpt_layer_local_submodules(normalization="RMSNorm")
+    linear_qkv, linear_proj = base.self_attention.submodules.linear_qkv, base.self_attention.submodules.linear_proj
+    attention_module = SelfAttention
+    if fused:  # fused.py: shared rotary tables and one rotary op, one SwiGLU op, one RMSNorm op, F.linear at TP=1
+        from lmmrl_megatron.models.qwen_vl import fused as fused_ops
+
+        attention_module, linear_qkv, linear_proj = (
+            fused_ops.FusedRopeSelfAttention, fused_ops.PlainColumnLinear, fused_ops.PlainRowLinear
+        )
+        base.mlp = functools.partial(
+            fused_ops.FusedSwiGLUMLP.as_mlp_submodule,
+            submodules=MLPSubmodules(linear_fc1=fused_ops.PlainColumnLinear, linear_fc2=fused_ops.PlainRowLinear),
+        )
     attention = ModuleSpec(
-        module=SelfAttention,
+        module=attention_module,
         params={"attn_mask_type": AttnMaskType.padding_causal},
         submodules=SelfAttentionSubmodules(
-            linear_qkv=base.self_attention.submodules.linear_qkv,
+            linear_qkv=linear_qkv,
             core_attention=SdpaAttention,
-            linear_proj=base.self_attention.submodules.linear_proj,
+            linear_proj=linear_proj,
         ),
     )
     base.self_attention = attention
-    base.input_layernorm = RMSNorm
-    base.pre_mlp_layernorm = RMSNorm
+    base.input_layernorm = base.pre_mlp_layernorm = _rms_norm(fused)
     return ModuleSpec(module=TransformerLayer, submodules=base)
+
+
+def _rms_norm(fused: bool) -> type[torch.nn.Module]:
+    if not fused:
+        return RMSNorm
+    from lmmrl_megatron.models.qwen_vl.fused import FusedRMSNorm
+
+    return FusedRMSNorm
 
 
 def _te_layer_spec() -> ModuleSpec:
@@ -81,10 +103,14 @@ def _te_layer_spec() -> ModuleSpec:
     return ModuleSpec(module=TransformerLayer, submodules=base)
 
 
-def decoder_block_spec(config: TransformerConfig, transformer_impl: str, num_layers: int) -> TransformerBlockSubmodules:
-    """The block spec of one model chunk holding `num_layers` decoder layers."""
+def decoder_block_spec(
+    config: TransformerConfig, transformer_impl: str, num_layers: int, fused: bool = False
+) -> TransformerBlockSubmodules:
+    """The block spec of one model chunk holding `num_layers` decoder layers (`fused`: the local spec with
+    `fused.py`'s attention, MLP and linears; transformer-engine fuses by itself)."""
     if transformer_impl == "local":
-        return TransformerBlockSubmodules(layer_specs=[_local_layer_spec()] * num_layers, layer_norm=RMSNorm)
+        layer_specs = [_local_layer_spec(fused)] * num_layers
+        return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_rms_norm(fused))
     if transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
 
