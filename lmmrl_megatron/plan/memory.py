@@ -1,0 +1,203 @@
+"""The memory model: bytes on one GPU of each pipeline stage, per phase of a step, term by term.
+
+Phases, in the order a colocated step runs them (`trainer/controller.py`):
+    generate  the engines sample; the policy holds only its weights (grads and optimizer state offloaded to the
+              host by `MegatronEngine.offload`, reference weights stay); vLLM holds gpu_memory_utilization x GPU
+    logprob   engines asleep (level 2: weights and KV cache freed), the policy onloaded: forward only
+    train     forward + backward + Adam step, micro-batches of max_tokens_per_micro_batch tokens
+    sync      the policy offloaded again, the engines' weights woken (KV cache not yet), export buckets in flight
+Not colocated (or sleep off) nothing is swapped: every phase holds the training state, and the engines' GPUs are
+planned on their own (`engine_memory`).
+
+Terms (bytes per parameter of this rank; `params.py` counts the parameters):
+    weights      2 (bf16) or 4 (fp32), every role on the GPU (actor, reference when kl_coef > 0, critic for GAE)
+    grads        4 per trainable parameter: Megatron DDP's fp32 main-grad buffer (grad_reduce_in_fp32)
+    optimizer    12 (bf16: fp32 master + Adam m, v) or 8 (fp32: m, v), divided by DP with the distributed optimizer
+    activations  saved for backward per micro-batch, per decoder layer and token (none / selective; our attention
+                 is SDPA, so selective recompute of core_attn saves nothing more), bf16 unless noted:
+                   input and pre-MLP RMSNorm: fp32 input + bf16 output each (12h), two p=0 dropout masks (2h),
+                   fused QKV output 2(H+2K)d, rotated q,k 2(H+K)d, attention output 2Hd,
+                   fc1 (gate+up) 4F, silu(gate) 2F, its product (fc2 input) 2F
+                 (h-terms / TP under sequence parallelism, the rest / TP); full recompute keeps the 2h layer input
+                 per layer plus one layer's worth; 1F1B keeps (pp - stage) micro-batches in flight
+    logits       fp32 log-softmax over this rank's vocabulary slice (`engine/logprobs.py`): 29 bytes per token and
+                 vocabulary column at the forward peak (bf16 logits, masked copy, fp32 copy, shifted, exp,
+                 products), 33 in backward (saved probs + shifted and the gradient's temporaries)
+    adam temp    4 per trainable parameter / DP: torch's foreach Adam's sqrt(v) temporaries at the step
+    buckets      weight_sync_bucket_mb x buckets in flight (2 with cuda_ipc) + under TP > 1 the gathered shards
+                 and converted copy of the largest parameter (2 x its full size, bf16)
+    vllm         gpu_memory_utilization x GPU while generating; asleep: its CUDA graph pool and allocator slack;
+                 woken for the sync: its weight shard (params / engine_tp, bf16)
+    cuda context per process on the GPU (trainer, and the colocated engine), outside PyTorch's allocator
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmmrl_megatron.config.schema import RunConfig
+from lmmrl_megatron.convert.mapping import padded_vocab_size
+from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig, kv_replication
+from lmmrl_megatron.plan.gpus import GPU, GiB
+from lmmrl_megatron.plan.params import StageParams
+
+PHASES = ("generate", "logprob", "train", "sync")
+CUDA_CONTEXT = int(0.75 * GiB)
+VLLM_ASLEEP = int(1.0 * GiB)
+VLLM_RESERVE = int(2.5 * GiB)  # vLLM's profiled activation peak and non-torch memory inside its budget
+LOGITS_FWD_BYTES, LOGITS_BWD_BYTES = 29, 33
+# Terms PyTorch's caching allocator of the trainer process holds (torch.cuda.max_memory_allocated sees these).
+ALLOCATOR_TERMS = ("weights", "grads", "optimizer", "activations", "logits", "adam temp", "buckets")
+
+
+@dataclass
+class PhaseMemory:
+    phase: str
+    terms: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+    @property
+    def allocated(self) -> int:
+        """What the trainer's allocator holds: the figure `bench/plan_check.py` measures."""
+        return sum(v for k, v in self.terms.items() if k in ALLOCATOR_TERMS)
+
+
+@dataclass(frozen=True)
+class Roles:
+    reference: bool
+    critic: bool
+
+    @staticmethod
+    def of(config: RunConfig) -> "Roles":
+        return Roles(reference=config.algorithm.needs_reference, critic=config.algorithm.needs_critic)
+
+
+def data_parallel_size(config: RunConfig) -> int:
+    return config.trainer.actor_world_size // (config.parallel.tp * config.parallel.pp)
+
+
+def swaps(config: RunConfig) -> bool:
+    """The colocated swap of `trainer/controller.py`: the policy offloads while the engines generate."""
+    return config.trainer.colocate_all_models and config.rollout.enable_sleep
+
+
+def _static(config: RunConfig, stage: StageParams, roles: Roles) -> dict[str, int]:
+    """Weights of every role, grads and optimizer state of the trained ones."""
+    fp32 = config.model.dtype == "fp32"
+    trainable = stage.trainable(config.model.freeze_vision)
+    # The critic's value head (hidden -> 1) replaces the output layer: about the actor's size less the vocabulary.
+    critic = stage.total - stage.output if roles.critic else 0
+    trained = trainable + (critic if roles.critic else 0)
+    weight_bytes = 4 if fp32 else 2
+    shards = data_parallel_size(config) if config.trainer.actor.use_distributed_optimizer else 1
+    return {
+        "weights": weight_bytes * (stage.total * (1 + roles.reference) + critic),
+        "grads": 4 * trained,
+        "optimizer": (8 if fp32 else 12) * trained // shards,
+    }
+
+
+def activation_bytes_per_token(qwen: QwenVLConfig, config: RunConfig) -> tuple[float, float]:
+    """(bytes saved per token per decoder layer, bytes of the full-recompute checkpoint per token per layer)."""
+    text, tp = qwen.text, config.parallel.tp
+    h, d, f, heads = text.hidden_size, text.head_dim, text.intermediate_size, text.num_attention_heads
+    kv = text.num_key_value_heads * kv_replication(text.num_key_value_heads, tp)
+    sp = tp if config.parallel.sequence_parallel else 1
+    layer = 14 * h / sp + (2 * (heads + 2 * kv) * d + 2 * (heads + kv) * d + 2 * heads * d + 8 * f) / tp
+    return layer, 2 * h / sp
+
+
+def _train_activations(qwen: QwenVLConfig, config: RunConfig, stage: StageParams) -> int:
+    tokens = config.trainer.max_tokens_per_micro_batch
+    layer, checkpoint = activation_bytes_per_token(qwen, config)
+    if config.model.recompute == "full":
+        per_micro_batch = stage.layers * checkpoint + layer
+    else:
+        per_micro_batch = stage.layers * layer
+    in_flight = config.parallel.pp - stage.stage
+    return int(tokens * per_micro_batch * in_flight)
+
+
+def _logits(qwen: QwenVLConfig, config: RunConfig, per_column: int) -> int:
+    vocab = padded_vocab_size(qwen.text.vocab_size, config.parallel.tp) // config.parallel.tp
+    return per_column * config.trainer.max_tokens_per_micro_batch * vocab
+
+
+def _buckets(config: RunConfig, stage: StageParams) -> int:
+    from lmmrl_megatron.trainer.weight_sync import choose_transport
+
+    rollout = config.rollout
+    use_gpu = config.trainer.num_gpus_per_node > 0
+    transport = choose_transport(rollout.weight_transport, use_gpu, config.trainer.colocate_all_models)
+    in_flight = 2 if transport == "cuda_ipc" else 1
+    gather = 2 * 2 * stage.largest if config.parallel.tp > 1 else 0
+    return in_flight * rollout.weight_sync_bucket_mb * 2**20 + gather
+
+
+def vllm_weight_bytes(total_params: int, config: RunConfig) -> int:
+    return 2 * total_params // config.rollout.engine_tp
+
+
+def stage_memory(
+    qwen: QwenVLConfig, config: RunConfig, stage: StageParams, gpu: GPU, total_params: int
+) -> list[PhaseMemory]:
+    """The four phases on one GPU of this pipeline stage (`total_params`: the whole model, for vLLM's shard)."""
+    roles = Roles.of(config)
+    static = _static(config, stage, roles)
+    swap = swaps(config)
+    colocated = config.trainer.colocate_all_models and config.trainer.num_gpus_per_node > 0
+    last = stage.stage == config.parallel.pp - 1
+    weights_only = {"weights": static["weights"]} if swap else dict(static)
+    vllm_generate = int(config.rollout.gpu_memory_utilization * gpu.memory_bytes) if colocated else 0
+    vllm_asleep = (VLLM_ASLEEP if swap else vllm_generate) if colocated else 0
+    context = CUDA_CONTEXT * (2 if colocated else 1)
+    trained = stage.trainable(config.model.freeze_vision) + (stage.total - stage.output if roles.critic else 0)
+    shards = data_parallel_size(config) if config.trainer.actor.use_distributed_optimizer else 1
+
+    train_acts = _train_activations(qwen, config, stage)
+    backward = train_acts + (_logits(qwen, config, LOGITS_BWD_BYTES) if last else 0)
+    adam_temp = 4 * trained // shards
+    train = dict(static)
+    if backward >= adam_temp:  # the peak is in backward or at the optimizer step (activations freed by then)
+        train |= {"activations": train_acts, "logits": backward - train_acts}
+    else:
+        train |= {"adam temp": adam_temp}
+    logprob = dict(static) | ({"logits": _logits(qwen, config, LOGITS_FWD_BYTES)} if last else {})
+    sync = dict(weights_only) | {"buckets": _buckets(config, stage)}
+    if colocated:
+        sync["vllm"] = vllm_weight_bytes(total_params, config) if swap else vllm_generate
+    phases = [
+        PhaseMemory("generate", dict(weights_only) | ({"vllm": vllm_generate} if colocated else {})),
+        PhaseMemory("logprob", logprob | ({"vllm": vllm_asleep} if colocated else {})),
+        PhaseMemory("train", train | ({"vllm": vllm_asleep} if colocated else {})),
+        PhaseMemory("sync", sync),
+    ]
+    for phase in phases:
+        phase.terms["cuda context"] = context
+    return phases
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """One engine GPU: vLLM's budget, its weight shard, and the KV cache left (bytes, and tokens it holds)."""
+
+    budget: int
+    weights: int
+    kv_cache: int
+    kv_bytes_per_token: int
+
+    @property
+    def kv_tokens(self) -> int:
+        return max(self.kv_cache, 0) // self.kv_bytes_per_token
+
+
+def engine_memory(qwen: QwenVLConfig, config: RunConfig, gpu: GPU, total_params: int) -> EngineMemory:
+    text, etp = qwen.text, config.rollout.engine_tp
+    kv_heads_per_gpu = max(1, text.num_key_value_heads // etp)  # vLLM replicates KV heads below engine TP
+    per_token = 2 * text.num_layers * kv_heads_per_gpu * text.head_dim * 2  # K and V, bf16
+    budget = int(config.rollout.gpu_memory_utilization * gpu.memory_bytes)
+    weights = vllm_weight_bytes(total_params, config)
+    return EngineMemory(budget, weights, budget - weights - VLLM_RESERVE, per_token)
