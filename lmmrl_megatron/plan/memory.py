@@ -24,8 +24,9 @@ Terms (bytes per parameter of this rank; `params.py` counts the parameters):
                  vocabulary column at the forward peak (bf16 logits, masked copy, fp32 copy, shifted, exp,
                  products), 33 in backward (saved probs + shifted and the gradient's temporaries)
     adam temp    4 per trainable parameter / DP: torch's foreach Adam's sqrt(v) temporaries at the step
-    buckets      weight_sync_bucket_mb x buckets in flight (2 with cuda_ipc) + under TP > 1 the gathered shards
-                 and converted copy of the largest parameter (2 x its full size, bf16)
+    buckets      buckets in flight (2 with cuda_ipc) x weight_sync_bucket_mb (or the largest parameter when larger:
+                 the export packs whole parameters), at most the whole model; under TP > 1 also the gathered
+                 shards and converted copy of the largest parameter (2 x its full size)
     vllm         gpu_memory_utilization x GPU while generating; asleep: its CUDA graph pool and allocator slack;
                  woken for the sync: its weight shard (params / engine_tp, bf16)
     cuda context per process on the GPU (trainer, and the colocated engine), outside PyTorch's allocator
@@ -126,15 +127,19 @@ def _logits(qwen: QwenVLConfig, config: RunConfig, per_column: int) -> int:
     return per_column * config.trainer.max_tokens_per_micro_batch * vocab
 
 
-def _buckets(config: RunConfig, stage: StageParams) -> int:
+def _buckets(config: RunConfig, stage: StageParams, total_params: int) -> int:
+    """Buckets alive at once: each up to weight_sync_bucket_mb, or one parameter when it is larger (the export packs
+    whole parameters), never more than the whole model; under TP the gathered shards and their conversion."""
     from lmmrl_megatron.trainer.weight_sync import choose_transport
 
     rollout = config.rollout
     use_gpu = config.trainer.num_gpus_per_node > 0
     transport = choose_transport(rollout.weight_transport, use_gpu, config.trainer.colocate_all_models)
     in_flight = 2 if transport == "cuda_ipc" else 1
-    gather = 2 * 2 * stage.largest if config.parallel.tp > 1 else 0
-    return in_flight * rollout.weight_sync_bucket_mb * 2**20 + gather
+    weight_bytes = 4 if config.model.dtype == "fp32" else 2
+    bucket = max(rollout.weight_sync_bucket_mb * 2**20, weight_bytes * stage.largest)
+    gather = 2 * weight_bytes * stage.largest if config.parallel.tp > 1 else 0
+    return min(in_flight * bucket, weight_bytes * total_params) + gather
 
 
 def vllm_weight_bytes(total_params: int, config: RunConfig) -> int:
@@ -166,7 +171,7 @@ def stage_memory(
     else:
         train |= {"adam temp": adam_temp}
     logprob = dict(static) | ({"logits": _logits(qwen, config, LOGITS_FWD_BYTES)} if last else {})
-    sync = dict(weights_only) | {"buckets": _buckets(config, stage)}
+    sync = dict(weights_only) | {"buckets": _buckets(config, stage, total_params)}
     if colocated:
         sync["vllm"] = vllm_weight_bytes(total_params, config) if swap else vllm_generate
     phases = [
