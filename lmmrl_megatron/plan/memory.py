@@ -13,16 +13,20 @@ Terms (bytes per parameter of this rank; `params.py` counts the parameters):
     weights      2 (bf16) or 4 (fp32), every role on the GPU (actor, reference when kl_coef > 0, critic for GAE)
     grads        4 per trainable parameter: Megatron DDP's fp32 main-grad buffer (grad_reduce_in_fp32)
     optimizer    12 (bf16: fp32 master + Adam m, v) or 8 (fp32: m, v), divided by DP with the distributed optimizer
-    activations  saved for backward per micro-batch, per decoder layer and token (none / selective; our attention
-                 is SDPA, so selective recompute of core_attn saves nothing more), bf16 unless noted:
-                   input and pre-MLP RMSNorm: fp32 input + bf16 output each (12h), two p=0 dropout masks (2h),
-                   fused QKV output 2(H+2K)d, rotated q,k 2(H+K)d, attention output 2Hd,
-                   fc1 (gate+up) 4F, silu(gate) 2F, its product (fc2 input) 2F
-                 (h-terms / TP under sequence parallelism, the rest / TP); full recompute keeps the 2h layer input
-                 per layer plus one layer's worth; 1F1B keeps (pp - stage) micro-batches in flight
-    logits       fp32 log-softmax over this rank's vocabulary slice (`engine/logprobs.py`): 29 bytes per token and
+    activations  saved for backward per micro-batch, per decoder layer and token (none / selective: our attention
+                 is SDPA, so selective recompute of core_attn saves nothing less), bf16 unless noted, as autograd's
+                 saved-tensor hooks count them on our layer (`tests/plan` checks this on a tiny model):
+                   each RMSNorm: fp32 input, bf16 cast, bf16 scaled output (8h; x2 norms)
+                   M-RoPE cos/sin of q and k (8d), the fused QKV output 2(H+2K)d (v is a view of it), rotated
+                   q and k 2(H+K)d, attention output 2Hd, its log-sum-exp fp32 4H
+                   SwiGLU: fc1 output 4F, three F-wide products 6F
+                 (h-terms / TP under sequence parallelism, d-terms per token, the rest / TP); the final norm 8h on
+                 the last stage; full recompute keeps the 2h layer input per layer plus one layer's worth; 1F1B
+                 keeps (pp - stage) micro-batches in flight on a stage
+    logits       fp32 log-softmax over this rank's vocabulary slice (`engine/logprobs.py`): 25 bytes per token and
                  vocabulary column at the forward peak (bf16 logits, masked copy, fp32 copy, shifted, exp,
-                 products), 33 in backward (saved probs + shifted and the gradient's temporaries)
+                 products), 31 in backward (saved probs + shifted and the gradient's temporaries); measured on
+                 CPU by peak RSS at 512 x 152064
     adam temp    4 per trainable parameter / DP: torch's foreach Adam's sqrt(v) temporaries at the step
     buckets      buckets in flight (2 with cuda_ipc) x weight_sync_bucket_mb (or the largest parameter when larger:
                  the export packs whole parameters), at most the whole model; under TP > 1 also the gathered
@@ -46,7 +50,7 @@ PHASES = ("generate", "logprob", "train", "sync")
 CUDA_CONTEXT = int(0.75 * GiB)
 VLLM_ASLEEP = int(1.0 * GiB)
 VLLM_RESERVE = int(2.5 * GiB)  # vLLM's profiled activation peak and non-torch memory inside its budget
-LOGITS_FWD_BYTES, LOGITS_BWD_BYTES = 29, 33
+LOGITS_FWD_BYTES, LOGITS_BWD_BYTES = 25, 31
 # Terms PyTorch's caching allocator of the trainer process holds (torch.cuda.max_memory_allocated sees these).
 ALLOCATOR_TERMS = ("weights", "grads", "optimizer", "activations", "logits", "adam temp", "buckets")
 
@@ -107,19 +111,22 @@ def activation_bytes_per_token(qwen: QwenVLConfig, config: RunConfig) -> tuple[f
     h, d, f, heads = text.hidden_size, text.head_dim, text.intermediate_size, text.num_attention_heads
     kv = text.num_key_value_heads * kv_replication(text.num_key_value_heads, tp)
     sp = tp if config.parallel.sequence_parallel else 1
-    layer = 14 * h / sp + (2 * (heads + 2 * kv) * d + 2 * (heads + kv) * d + 2 * heads * d + 8 * f) / tp
+    attention = 2 * (heads + 2 * kv) * d + 2 * (heads + kv) * d + 2 * heads * d + 4 * heads
+    layer = 16 * h / sp + 8 * d + (attention + 10 * f) / tp
     return layer, 2 * h / sp
 
 
-def _train_activations(qwen: QwenVLConfig, config: RunConfig, stage: StageParams) -> int:
+def train_activations(qwen: QwenVLConfig, config: RunConfig, stage: StageParams) -> tuple[int, int]:
+    """(activations saved by the forward passes in flight on this stage, the one layer a full recompute rebuilds
+    during backward)."""
     tokens = config.trainer.max_tokens_per_micro_batch
     layer, checkpoint = activation_bytes_per_token(qwen, config)
-    if config.model.recompute == "full":
-        per_micro_batch = stage.layers * checkpoint + layer
-    else:
-        per_micro_batch = stage.layers * layer
+    full = config.model.recompute == "full"
+    per_micro_batch = stage.layers * (checkpoint if full else layer)
+    if stage.stage == config.parallel.pp - 1:  # the final norm before the output layer
+        per_micro_batch += 8 * qwen.text.hidden_size / (config.parallel.tp if config.parallel.sequence_parallel else 1)
     in_flight = config.parallel.pp - stage.stage
-    return int(tokens * per_micro_batch * in_flight)
+    return int(tokens * per_micro_batch * in_flight), int(tokens * layer) if full else 0
 
 
 def _logits(qwen: QwenVLConfig, config: RunConfig, per_column: int) -> int:
@@ -162,14 +169,13 @@ def stage_memory(
     trained = stage.trainable(config.model.freeze_vision) + (stage.total - stage.output if roles.critic else 0)
     shards = data_parallel_size(config) if config.trainer.actor.use_distributed_optimizer else 1
 
-    train_acts = _train_activations(qwen, config, stage)
-    backward = train_acts + (_logits(qwen, config, LOGITS_BWD_BYTES) if last else 0)
+    # Backward peaks at the loss (the logits' gradient) or, under full recompute, at a rebuilt layer, whichever
+    # is larger; the optimizer step comes after every activation is freed.
+    saved, rebuilt = train_activations(qwen, config, stage)
+    logits = _logits(qwen, config, LOGITS_BWD_BYTES) if last else 0
+    backward = {"activations": saved + (rebuilt if rebuilt > logits else 0), "logits": logits if logits >= rebuilt else 0}
     adam_temp = 4 * trained // shards
-    train = dict(static)
-    if backward >= adam_temp:  # the peak is in backward or at the optimizer step (activations freed by then)
-        train |= {"activations": train_acts, "logits": backward - train_acts}
-    else:
-        train |= {"adam temp": adam_temp}
+    train = dict(static) | (backward if sum(backward.values()) >= adam_temp else {"adam temp": adam_temp})
     logprob = dict(static) | ({"logits": _logits(qwen, config, LOGITS_FWD_BYTES)} if last else {})
     sync = dict(weights_only) | {"buckets": _buckets(config, stage, total_params)}
     if colocated:
