@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -123,18 +122,25 @@ def test_parameter_counts_match_the_meta_device_build(name: str) -> None:
     assert sum(s.total for s in stage_params(qwen, ShardLayout())) > 72e9
 
 
-def _dry_run(*args: str) -> subprocess.CompletedProcess:
+def test_run_rloo_72b_dry_run_prints_the_plan_and_exits_0_when_it_fits() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("MODEL", None)
-    return subprocess.run(["bash", str(REPO / "scripts" / "run_rloo_72b.sh"), "--dry-run", *args], env=env,
+    env.pop("MODEL", None)  # the dry run needs no checkpoint: configs/models/qwen2_5_vl_72b's config.json
+    done = subprocess.run(["bash", str(REPO / "scripts" / "run_rloo_72b.sh"), "--dry-run"], env=env,
                           capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "on 4 x 8 H100-80GB" in done.stdout and "VERDICT: fits" in done.stdout and "peak" in done.stdout
 
 
-def test_run_rloo_72b_dry_run_prints_the_plan_and_exits_by_the_verdict() -> None:
-    fits = _dry_run()
-    assert fits.returncode == 0, fits.stderr[-2000:]
-    assert "on 4 x 8 H100-80GB" in fits.stdout and "VERDICT: fits" in fits.stdout and "peak" in fits.stdout
-    too_big = _dry_run("model.recompute=selective")
-    assert too_big.returncode == 1 and "VERDICT: does not fit" in too_big.stdout
-    illegal = _dry_run("parallel.vpp=3")
-    assert illegal.returncode == 2 and "the layout is invalid" in illegal.stdout
+@pytest.mark.parametrize("overrides, status, needle", [
+    ([], 0, "VERDICT: fits"),
+    (["model.recompute=selective"], 1, "VERDICT: does not fit"),
+    (["parallel.vpp=3"], 2, "the layout is invalid"),
+])
+def test_lmmrl_plan_exit_status_follows_the_verdict(overrides, status, needle, capsys) -> None:
+    from lmmrl_megatron.cli.plan import main
+
+    args = ["--config", str(REPO / "configs" / "rloo_qwen2_5_vl_72b.yaml"), f"model.pretrain={MODELS / 'qwen2_5_vl_72b'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + overrides)
+    assert exit_info.value.code == status
+    assert needle in capsys.readouterr().out
