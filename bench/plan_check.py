@@ -113,10 +113,12 @@ def make_samples(config, qwen, max_tokens: int, device):
 
 
 class Meter:
-    """Peak allocated bytes of one phase (GPU), or nothing on CPU; wall time either way."""
+    """Peak allocated bytes of one phase (GPU), or nothing on CPU; wall time either way. Bytes still allocated
+    before the model was built (a previous setting's leftovers, if any) are subtracted."""
 
-    def __init__(self, on_gpu: bool) -> None:
+    def __init__(self, on_gpu: bool, baseline: int) -> None:
         self.on_gpu = on_gpu
+        self.baseline = baseline
 
     def start(self) -> None:
         if self.on_gpu:
@@ -128,7 +130,7 @@ class Meter:
         if self.on_gpu:
             torch.cuda.synchronize()
             value = torch.cuda.memory_allocated() if resident else torch.cuda.max_memory_allocated()
-            return value, time.perf_counter() - self.t0
+            return value - self.baseline, time.perf_counter() - self.t0
         return None, time.perf_counter() - self.t0
 
 
@@ -140,6 +142,9 @@ def measure(config, qwen, on_gpu: bool) -> dict[str, tuple[float | None, float]]
     from lmmrl_megatron.trainer.policy_worker import make_policy_loss, qwen_vl_forward, qwen_vl_shards_to_hf
 
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    baseline = torch.cuda.memory_allocated() if on_gpu else 0
+    if baseline > 2**20:
+        print(f"  note: {baseline / GiB:.2f} GiB still allocated before the build (subtracted)", flush=True)
     chunks = build_chunks(qwen, config.model, config.parallel, on_gpu, load=False)
     engine = MegatronEngine(chunks, qwen_vl_forward, qwen.text.vocab_size, config.trainer.actor, 1.0,
                             config.model.dtype == "bf16")
@@ -147,7 +152,7 @@ def measure(config, qwen, on_gpu: bool) -> dict[str, tuple[float | None, float]]
     samples, micro_batches = make_samples(config, qwen, config.trainer.max_tokens_per_micro_batch, device)
     normaliser = float(sum(s.response_ids.numel() for s in samples))
     loss_fn = make_policy_loss(config.algorithm, normaliser, 0.0)
-    meter, out = Meter(on_gpu), {}
+    meter, out = Meter(on_gpu, baseline), {}
     for _cycle in range(2):
         engine.onload()
         meter.start()
