@@ -180,7 +180,7 @@ def render(plan: Plan) -> str:
         lines.append(f"engine GPU: vLLM budget {e.budget / GiB:.1f} GiB = weights {e.weights / GiB:.1f} + KV cache "
                      f"{max(e.kv_cache, 0) / GiB:.1f} GiB ({e.kv_tokens} tokens) + reserve")
     times = step_time(plan)
-    lines.append("rough step time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+    lines.append("rough step time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
                  + f", total {sum(times.values()):.0f} s (MFU {MFU}, sequences of max_model_len / 2)")
     if plan.fits:
         lines.append("VERDICT: fits")
