@@ -50,6 +50,7 @@ setup(
     entry_points={
         "console_scripts": [
             "lmmrl-train=lmmrl_megatron.cli.train:main",
+            "lmmrl-plan=lmmrl_megatron.cli.plan:main",
             "lmmrl-parity=lmmrl_megatron.cli.parity:main",
             "lmmrl-make-tiny=lmmrl_megatron.testing.make_tiny:main",
             "lmmrl-eval=lmmrl_megatron.cli.eval:main",

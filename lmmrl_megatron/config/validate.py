@@ -5,13 +5,14 @@
 
 Each section checks its own fields when it is built (a wrong type or range fails at load time, naming the key and
 the line). What is left for here spans sections or needs the file system: the model folder, the data and eval
-files, the reward functions, the rollout backend and what it can run, the placement, the learning-rate schedule
-against the run's length. Every problem found is reported at once, each naming its key. Nothing here loads a model
+files, the reward functions, the rollout backend and what it can run, the placement, the model's layout and (on a
+GPU machine) its memory plan from `plan/` (config.json only), the learning-rate schedule against the run's length. Every problem found is reported at once, each naming its key. Nothing here loads a model
 or reads a data record, so it takes milliseconds: a 72B run learns it has a typo before it loads 72B parameters.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lmmrl_megatron.config.schema import RunConfig
@@ -55,6 +56,47 @@ def _placement_problems(config: RunConfig, training: bool) -> list[str]:
                 f"the run needs {needed} GPUs (policy ranks and engines) but trainer.num_nodes * "
                 f"trainer.num_gpus_per_node = {total}"
             )
+    return problems
+
+
+def _local_gpu_memory() -> int | None:
+    """This machine's first GPU's memory through NVML (no CUDA context in the driver process), None without one."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML, no driver, no GPU: nothing to plan against
+        return None
+
+
+def _plan_problems(config: RunConfig) -> list[str]:
+    """lmmrl-plan's checks from config.json (no weights): the layout always, the memory verdict against this
+    machine's GPU when it has one (the trainer's GPUs are taken to be of the same kind)."""
+    from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
+    from lmmrl_megatron.plan.gpus import gpu_from_memory
+    from lmmrl_megatron.plan.layout import layout_problems
+
+    pretrain = config.model.pretrain
+    if not pretrain or not (Path(pretrain).expanduser() / "config.json").is_file():
+        return []  # _model_problems reports it
+    try:
+        qwen = QwenVLConfig.from_hf_dir(Path(config.model.pretrain).expanduser())
+    except ValueError as exc:
+        return [f"model.pretrain: {exc}"]
+    problems = layout_problems(qwen, config)
+    # The memory verdict is a model (bench/plan_check.py measures its error); LMMRL_SKIP_MEMORY_PLAN=1 starts anyway.
+    skip = os.environ.get("LMMRL_SKIP_MEMORY_PLAN") == "1"
+    memory = _local_gpu_memory() if config.trainer.num_gpus_per_node > 0 and not problems and not skip else None
+    if memory is not None:
+        from lmmrl_megatron.plan.report import make_plan
+
+        plan = make_plan(config, gpu_from_memory(memory), qwen)
+        problems += [f"lmmrl-plan: {reason} (lmmrl-plan prints the whole plan; LMMRL_SKIP_MEMORY_PLAN=1 starts "
+                     "anyway)" for reason in plan.verdict]
     return problems
 
 
@@ -126,6 +168,8 @@ def run_config_problems(config: RunConfig, training: bool = True, check_model: b
     problems = _model_problems(config, training) if check_model else []
     problems += rollout_backend_problems(config)
     problems += _placement_problems(config, training)
+    if training and check_model:
+        problems += _plan_problems(config)
     problems += _data_problems(config, training)
     problems += _reward_problems(config, training)
     if training:

@@ -22,7 +22,8 @@ def runnable(tmp_path: Path) -> list[str]:
     """Overrides that make the tiny config pass: a model folder and data files that exist."""
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    # A real config.json (lmmrl-plan's layout checks read it): the 72B one, shapes only.
+    (model / "config.json").write_text((REPO / "configs" / "models" / "qwen2_5_vl_72b" / "config.json").read_text())
     for name in ("train", "test"):
         (tmp_path / f"{name}.jsonl").write_text("")
     return [

@@ -9,10 +9,8 @@ checked to be sure), and the TP=1, PP=1 model gives the converter's checkpoint t
 
 from __future__ import annotations
 
-import contextlib
 import resource
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -22,39 +20,14 @@ from lmmrl_megatron.convert.hf_io import TensorSpec, expected_hf_specs
 from lmmrl_megatron.convert.mapping import hf_to_mcore_shard, mcore_shards_to_hf
 from lmmrl_megatron.models.qwen_vl.checkpoint_model import build_meta_model
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
+from lmmrl_megatron.plan.meta import fake_world, meta_chunk
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 TP, PP = 8, 4
 
 
-@contextlib.contextmanager
-def fake_world(tp: int, pp: int, tp_rank: int, pp_rank: int) -> Iterator[None]:
-    """A fake process group of tp * pp ranks seen from rank (tp_rank, pp_rank), with Megatron's parallel state."""
-    from megatron.core import parallel_state as ps
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    rank = pp_rank * tp + tp_rank  # Megatron's default order: TP varies fastest, PP slowest (no DP here)
-    torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp * pp)
-    try:
-        # No gloo side groups: torch 2.11's fake backend cannot build them (and nothing here uses them).
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False
-        )
-        assert (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()) == (tp_rank, pp_rank)
-        yield
-    finally:
-        ps.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
-
-
 def _meta_chunk(config: QwenVLConfig, pp_rank: int):
-    from lmmrl_megatron.models.qwen_vl.checkpoint_model import _cuda_device_reads_as_meta
-    from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
-    from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
-
-    options = QwenVLBuildOptions(tp=TP, pp=PP, dtype="bf16", use_cpu_initialization=True, perform_initialization=False)
-    with _cuda_device_reads_as_meta(), torch.device("meta"):
-        return QwenVLModel(config, options, pre_process=pp_rank == 0, post_process=pp_rank == PP - 1)
+    return meta_chunk(config, TP, PP, pp_rank)
 
 
 def _check_chunk(model, hf_specs: dict[str, TensorSpec], tp_rank: int) -> set[str]:

@@ -14,15 +14,23 @@ import torch
 
 def build_policy_chunks(model: Any, parallel: Any, use_gpu: bool):
     """Return (model chunks of this pipeline rank, the model's QwenVLConfig), weights loaded from `model.pretrain`."""
-    from megatron.core import parallel_state as ps
-
-    from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig
-    from lmmrl_megatron.models.qwen_vl.loading import load_hf_checkpoint
-    from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
+    from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
 
     if not model.pretrain:
         raise ValueError("model.pretrain must name a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint directory")
     qwen_config = QwenVLConfig.from_hf_dir(model.pretrain)
+    return build_chunks(qwen_config, model, parallel, use_gpu, load=True), qwen_config
+
+
+def build_chunks(qwen_config, model: Any, parallel: Any, use_gpu: bool, load: bool):
+    """This pipeline rank's chunks of `qwen_config` at the configured layout: loaded from `model.pretrain`, or
+    (`load=False`, bench/plan_check.py) randomly initialised where they live."""
+    from megatron.core import parallel_state as ps
+
+    from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
+    from lmmrl_megatron.models.qwen_vl.loading import load_hf_checkpoint
+    from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
+
     options = QwenVLBuildOptions(
         tp=parallel.tp,
         pp=parallel.pp,
@@ -34,7 +42,7 @@ def build_policy_chunks(model: Any, parallel: Any, use_gpu: bool):
         transformer_impl=model.transformer_impl,
         recompute=model.recompute,
         use_cpu_initialization=not use_gpu,
-        perform_initialization=False,  # every weight is loaded right after
+        perform_initialization=not load,  # loaded weights are overwritten right after
     )
     layout = options.shard_layout
     pp_rank = ps.get_pipeline_model_parallel_rank()
@@ -50,11 +58,12 @@ def build_policy_chunks(model: Any, parallel: Any, use_gpu: bool):
         )
         if use_gpu:
             chunk = chunk.cuda(torch.cuda.current_device())
-        load_hf_checkpoint(chunk, model.pretrain)
+        if load:
+            load_hf_checkpoint(chunk, model.pretrain)
         if model.freeze_vision and chunk.vision_model is not None:
             chunk.vision_model.requires_grad_(False)
         chunks.append(chunk)
-    return chunks, qwen_config
+    return chunks
 
 
 def qwen_vl_forward(model: torch.nn.Module, micro_batch: Any) -> torch.Tensor:

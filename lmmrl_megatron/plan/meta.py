@@ -1,0 +1,62 @@
+"""Our model built on the meta device at any TP x PP layout, one rank at a time, in this one process.
+
+No memory and no weights: parameters are meta tensors and the world is PyTorch's fake process group (collectives
+are no-ops; only ranks and group sizes matter). `tests/convert/test_meta_72b.py` checks the mapping on it and
+`tests/plan` checks `params.stage_params` against `meta_stage_counts`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
+
+
+@contextlib.contextmanager
+def fake_world(tp: int, pp: int, tp_rank: int, pp_rank: int) -> Iterator[None]:
+    """A fake process group of tp * pp ranks seen from rank (tp_rank, pp_rank), with Megatron's parallel state."""
+    from megatron.core import parallel_state as ps
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    rank = pp_rank * tp + tp_rank  # Megatron's default order: TP varies fastest, PP slowest (no DP here)
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp * pp)
+    try:
+        # No gloo side groups: torch 2.11's fake backend cannot build them (and nothing here uses them).
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False
+        )
+        assert (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()) == (tp_rank, pp_rank)
+        yield
+    finally:
+        ps.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+def meta_chunk(config: QwenVLConfig, tp: int, pp: int, pp_rank: int, **layout):
+    """This rank's chunk of our model on the meta device (call inside `fake_world(tp, pp, ..., pp_rank)`)."""
+    from lmmrl_megatron.models.qwen_vl.checkpoint_model import _cuda_device_reads_as_meta
+    from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
+    from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
+
+    options = QwenVLBuildOptions(
+        tp=tp, pp=pp, dtype="bf16", use_cpu_initialization=True, perform_initialization=False, **layout
+    )
+    with _cuda_device_reads_as_meta(), torch.device("meta"):
+        return QwenVLModel(config, options, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
+
+
+def meta_stage_counts(config: QwenVLConfig, tp: int, pp: int, **layout) -> list[dict[str, int]]:
+    """Per pipeline stage, the parameters of its TP rank 0 as built: {"total", "vision"}."""
+    counts = []
+    for pp_rank in range(pp):
+        with fake_world(tp, pp, 0, pp_rank):
+            model = meta_chunk(config, tp, pp, pp_rank, **layout)
+            vision = model.vision_model
+            counts.append({
+                "total": sum(p.numel() for p in model.parameters()),
+                "vision": sum(p.numel() for p in vision.parameters()) if vision is not None else 0,
+            })
+    return counts
