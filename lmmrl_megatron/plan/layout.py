@@ -6,9 +6,13 @@ of policy ranks and engines against nodes x GPUs is checked there already, not r
 
 from __future__ import annotations
 
-from lmmrl_megatron.config.schema import RunConfig
+from typing import TYPE_CHECKING
+
 from lmmrl_megatron.convert.mapping import _layers_per_stage
 from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig, kv_replication
+
+if TYPE_CHECKING:  # read by its fields: config/validate.py calls into plan/, so plan/ imports no config
+    from lmmrl_megatron.config.schema import RunConfig
 
 
 def _tp_problems(qwen: QwenVLConfig, tp: int) -> list[str]:

@@ -39,12 +39,15 @@ Terms (bytes per parameter of this rank; `params.py` counts the parameters):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from lmmrl_megatron.config.schema import RunConfig
 from lmmrl_megatron.convert.mapping import padded_vocab_size
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig, kv_replication
 from lmmrl_megatron.plan.gpus import GPU, GiB
 from lmmrl_megatron.plan.params import StageParams
+
+if TYPE_CHECKING:  # read by its fields: config/validate.py calls into plan/, so plan/ imports no config
+    from lmmrl_megatron.config.schema import RunConfig
 
 PHASES = ("generate", "logprob", "train", "sync")
 CUDA_CONTEXT = int(0.75 * GiB)
@@ -111,8 +114,11 @@ def activation_bytes_per_token(qwen: QwenVLConfig, config: RunConfig) -> tuple[f
     h, d, f, heads = text.hidden_size, text.head_dim, text.intermediate_size, text.num_attention_heads
     kv = text.num_key_value_heads * kv_replication(text.num_key_value_heads, tp)
     sp = tp if config.parallel.sequence_parallel else 1
+    # What the fused decoder layer (models/qwen_vl/fused.py) saves, bf16: the inputs of its two RMSNorms and of
+    # the qkv and fc1 linears (8h); the qkv output (v is a view of it), the rotated q and k, the attention output
+    # (o_proj's input is a view of it) and its fp32 log-sum-exp; SwiGLU's input (2f wide) and fc2's input.
     attention = 2 * (heads + 2 * kv) * d + 2 * (heads + kv) * d + 2 * heads * d + 4 * heads
-    layer = 16 * h / sp + 8 * d + (attention + 10 * f) / tp
+    layer = 8 * h / sp + (attention + 6 * f) / tp
     return layer, 2 * h / sp
 
 
@@ -122,9 +128,10 @@ def train_activations(qwen: QwenVLConfig, config: RunConfig, stage: StageParams)
     tokens = config.trainer.max_tokens_per_micro_batch
     layer, checkpoint = activation_bytes_per_token(qwen, config)
     full = config.model.recompute == "full"
-    per_micro_batch = stage.layers * (checkpoint if full else layer)
-    if stage.stage == config.parallel.pp - 1:  # the final norm before the output layer
-        per_micro_batch += 8 * qwen.text.hidden_size / (config.parallel.tp if config.parallel.sequence_parallel else 1)
+    # Once per stage, not per layer: the rotary cos/sin tables (fp32, computed once per forward and shared).
+    per_micro_batch = stage.layers * (checkpoint if full else layer) + 8 * qwen.text.head_dim
+    if stage.stage == config.parallel.pp - 1:  # the inputs of the final norm and of the output layer
+        per_micro_batch += 4 * qwen.text.hidden_size / (config.parallel.tp if config.parallel.sequence_parallel else 1)
     in_flight = config.parallel.pp - stage.stage
     return int(tokens * per_micro_batch * in_flight), int(tokens * layer) if full else 0
 
@@ -137,7 +144,7 @@ def _logits(qwen: QwenVLConfig, config: RunConfig, per_column: int) -> int:
 def _buckets(config: RunConfig, stage: StageParams, total_params: int) -> int:
     """Buckets alive at once: each up to weight_sync_bucket_mb, or one parameter when it is larger (the export packs
     whole parameters), never more than the whole model; under TP the gathered shards and their conversion."""
-    from lmmrl_megatron.trainer.weight_sync import choose_transport
+    from lmmrl_megatron.rollout.transport import choose_transport
 
     rollout = config.rollout
     use_gpu = config.trainer.num_gpus_per_node > 0

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from lmmrl_megatron.config.schema import RunConfig
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
 from lmmrl_megatron.plan.gpus import GPU, GiB
 from lmmrl_megatron.plan.layout import layout_notes, layout_problems
@@ -22,6 +22,9 @@ from lmmrl_megatron.plan.memory import (
     stage_memory,
 )
 from lmmrl_megatron.plan.params import StageParams, stage_params
+
+if TYPE_CHECKING:  # read by its fields: config/validate.py calls into plan/, so plan/ imports no config
+    from lmmrl_megatron.config.schema import RunConfig
 
 # What to turn when a term does not fit, largest term first.
 KNOBS: dict[str, str] = {

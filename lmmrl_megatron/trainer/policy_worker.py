@@ -231,7 +231,8 @@ class PolicyWorker:
     def push_weights(self, engines: list[Any]) -> dict[str, float]:
         """Send the actor's weights, in Hugging Face names and layout, to every rollout engine, bucket by bucket,
         through the configured transport (`trainer/weight_sync.py`); every rank takes part."""
-        from lmmrl_megatron.trainer.weight_sync import BroadcastSender, CudaIpcSender, ObjectStoreSender, choose_transport
+        from lmmrl_megatron.rollout.transport import choose_transport
+        from lmmrl_megatron.trainer.weight_sync import BroadcastSender, CudaIpcSender, ObjectStoreSender
 
         rollout = self.config.rollout
         if self.weight_sender is None:  # kept for the run: its plan, buffers and groups are made at the first sync

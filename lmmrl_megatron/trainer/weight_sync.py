@@ -20,25 +20,12 @@ Every sender keeps the export plan of its first sync (`_CachedPlan`).
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from lmmrl_megatron.convert.export import BucketPlan, ShardsToHF, export_hf_weights, plan_export
 from lmmrl_megatron.rollout.ipc import device_uuid
-
-Transport = Literal["cuda_ipc", "broadcast", "object_store"]
-
-
-def choose_transport(requested: str, use_gpu: bool, colocated: bool) -> Transport:
-    """`auto`: CUDA IPC when engines share the trainer's GPUs, a broadcast when they have GPUs of their own, the
-    object store on CPU."""
-    if requested == "auto":
-        if not use_gpu:
-            return "object_store"
-        return "cuda_ipc" if colocated else "broadcast"
-    assert requested != "cuda_ipc" or (use_gpu and colocated), "RunConfig refuses cuda_ipc without colocated GPUs"
-    return requested  # type: ignore[return-value]
 
 
 def _bucket_metadata(views: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list[tuple[str, str, tuple[int, ...], int]]]:

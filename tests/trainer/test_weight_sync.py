@@ -10,7 +10,8 @@ from lmmrl_megatron.config.validate import run_config_problems
 from lmmrl_megatron.convert.export import BucketPlan, ParamExport, _views
 from lmmrl_megatron.convert.hf_io import TensorSpec
 from lmmrl_megatron.rollout.ipc import bucket_views
-from lmmrl_megatron.trainer.weight_sync import _bucket_metadata, choose_transport
+from lmmrl_megatron.rollout.transport import choose_transport
+from lmmrl_megatron.trainer.weight_sync import _bucket_metadata
 
 
 def test_auto_picks_ipc_when_colocated_broadcast_when_separate_host_copies_on_cpu() -> None:
