@@ -80,6 +80,7 @@ def build_config(
             f"trainer.train_batch_size={prompts * n}",
             "trainer.actor.lr=1e-6",
             "logging.progress_bar=false",
+            "eval.sets=[]",  # the embedded default's eval data is not written here, and steps alone are timed
             *overrides,
         ],
     )
