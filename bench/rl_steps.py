@@ -41,15 +41,16 @@ PHASES = ("generate", "onload", "reward", "logprob", "train", "offload", "sync")
 
 def prepare(work: Path, shape: str, dtype: str) -> tuple[Path, Path]:
     """The random checkpoint of `shape` (seed 0) and the synthetic data under `work`, each written once."""
-    from lmmrl_megatron.data.synthetic import main as write_synthetic
-    from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
-
     model_dir, data_dir = work / f"model_{shape}", work / "data"
     if not (model_dir / "config.json").exists():
+        from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint  # imported only when needed: it is slow
+
         start = time.perf_counter()
         make_tiny_checkpoint("qwen2_5_vl", model_dir, seed=0, overrides=SHAPES[shape], dtype=dtype)
         print(f"wrote {shape} checkpoint in {time.perf_counter() - start:.1f}s")
     if not (data_dir / "train.jsonl").exists():
+        from lmmrl_megatron.data.synthetic import main as write_synthetic
+
         write_synthetic(["--task", "color_of_shape", "--n", "256", "--out", str(data_dir), "--seed", "0"])
     return model_dir, data_dir
 

@@ -232,7 +232,9 @@ def run_child(name: str, argv: list[str], args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, *argv, "--child", name, "--child-out", str(out)]
     print(f"\n=== {name}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    process = subprocess.Popen(command, start_new_session=True)
+    # Offline and quiet: the GPU machine has no network, and TRL's trainers ping the Hub's telemetry otherwise.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(command, start_new_session=True, env=env)
     try:
         rc = process.wait(timeout=args.timeout)
     except subprocess.TimeoutExpired:

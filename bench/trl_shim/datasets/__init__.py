@@ -23,6 +23,10 @@ class Dataset:
         return cls([dict(zip(names, values)) for values in zip(*columns.values())])
 
     @property
+    def cache_files(self) -> list[dict]:  # TRL's telemetry asks; in memory, as `from_list` of the real one
+        return []
+
+    @property
     def column_names(self) -> list[str]:
         return list(self._rows[0]) if self._rows else []
 
