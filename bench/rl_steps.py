@@ -16,6 +16,12 @@ from pathlib import Path
 
 SHAPES: dict[str, list[str]] = {
     "tiny": [],
+    # the tiny model at head_dim 32, the smallest vLLM's CPU attention runs (make_tiny's set_text_head_dim)
+    "tiny_hd32": [
+        "text_config.hidden_size=128",
+        "text_config.rope_parameters={rope_type: default, rope_theta: 1000000.0, mrope_section: [4, 6, 6]}",
+        "vision_config.out_hidden_size=128",
+    ],
     # Qwen2.5-VL-3B-Instruct's published shapes
     "3b": [
         "text_config.hidden_size=2048",

@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=2, help="timed steps")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per system, start-up included")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run; a system gets at most what is left")
     parser.add_argument("--work", default="outputs/bench_vs_trl")
     parser.add_argument("--out", help="also write the table here: .json, else markdown")
     parser.add_argument("--ours-backend", choices=("vllm", "hf"), help="our rollout engine (default: vllm on cuda, hf on cpu)")
@@ -150,13 +151,32 @@ def trl_rows(data_file: Path, num_rows: int) -> list[dict]:
     return rows
 
 
+def engine_args_as_ours(device: str) -> None:
+    """TRL's colocated `vllm.LLM` leaves `limit_mm_per_prompt` at vLLM's default, so vLLM 0.26 profiles a video
+    prompt too (`<|video_pad|>` with no video), which the Qwen2.5-VL processor of transformers >= 5.18 refuses
+    at start-up; on CPU the same holds for its image profile. Our engine (rollout/vllm_engine.py) turns video off
+    and skips the multimodal profile on CPU; TRL's engine gets the same arguments, and nothing else changes."""
+    import functools
+
+    from trl.generation import vllm_generation
+
+    extra = {"limit_mm_per_prompt": {"image": 1, "video": 0}}
+    if device == "cpu":
+        extra["skip_mm_profiling"] = True
+    vllm_generation.LLM = functools.partial(vllm_generation.LLM, **extra)
+
+
 def run_trl(args: argparse.Namespace, use_vllm: bool) -> dict:
     shimmed = use_trl_shim(args.trl_shim)
+    if args.device == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache, as our engine on CPU
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    if use_vllm:
+        engine_args_as_ours(args.device)
     work = Path(args.work)
     model_dir, data_dir = prepare(work, args.shape, dtype_of(args))
     num_steps, batch = args.warmup + args.steps, args.prompts * args.n
@@ -225,10 +245,12 @@ def run_trl(args: argparse.Namespace, use_vllm: bool) -> dict:
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 
-def run_child(name: str, argv: list[str], args: argparse.Namespace) -> dict:
+def run_child(name: str, argv: list[str], args: argparse.Namespace, timeout: float) -> dict:
     """One system in its own process group (so a timeout ends the engines it started too)."""
     out = Path(args.work) / f"result_{name}.json"
     out.unlink(missing_ok=True)
+    if timeout < 30:
+        return {"status": f"skipped: {timeout:.0f}s of --budget left"}
     command = [sys.executable, __file__, *argv, "--child", name, "--child-out", str(out)]
     print(f"\n=== {name}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
@@ -236,11 +258,11 @@ def run_child(name: str, argv: list[str], args: argparse.Namespace) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(command, start_new_session=True, env=env)
     try:
-        rc = process.wait(timeout=args.timeout)
+        rc = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        return {"status": f"timed out after {args.timeout:.0f}s"}
+        return {"status": f"timed out after {timeout:.0f}s"}
     finally:
         if process.poll() is not None:
             try:  # what the child left running (engines, Ray workers in its group)
@@ -287,12 +309,15 @@ def main() -> None:
     start = time.perf_counter()
     prepare(Path(args.work), args.shape, dtype_of(args))  # once, before the systems' clocks start
     print(f"checkpoint and data ready in {time.perf_counter() - start:.1f}s", flush=True)
-    results = {name: run_child(name, argv, args) for name in args.systems.split(",")}
-    text = table(args, results)
-    print("\n" + text)
-    if args.out:
-        payload = json.dumps({"args": vars(args), "results": results}, indent=1) if args.out.endswith(".json") else text
-        Path(args.out).write_text(payload + "\n")
+    results: dict[str, dict] = {}
+    for name in args.systems.split(","):  # the table after every system, so a cut-off run still shows the rest
+        left = args.budget - (time.perf_counter() - start)
+        results[name] = run_child(name, argv, args, min(args.timeout, left - 10))
+        text = table(args, results)
+        print("\n" + text, flush=True)
+        if args.out:
+            payload = json.dumps({"args": vars(args), "results": results}, indent=1) if args.out.endswith(".json") else text
+            Path(args.out).write_text(payload + "\n")
 
 
 if __name__ == "__main__":
