@@ -2,7 +2,8 @@
 # The wheels bench/vs_trl.py needs on the GPU machine for TRL (it has transformers, torch, accelerate, peft, vLLM):
 # trl itself, pure Python, 0.9 MiB. TRL also imports datasets, pyarrow and pandas at module level; their wheels
 # (datasets 5.2.0, pyarrow 26.0.1, pandas 3.1.1, dill 0.4.1, multiprocess 0.70.19, xxhash 4.1.0, python-dateutil
-# 4.0.0, tzdata 2026.6) come to 66 MiB, pyarrow's alone to 52.5 MiB, so bench/vs_trl.py runs TRL on the stand-ins of bench/trl_shim instead (--trl-shim auto).
+# 4.0.0, tzdata 2026.6) come to 66 MiB, pyarrow's alone to 52.5 MiB, so bench/vs_trl.py runs TRL on the
+# stand-ins of bench/trl_shim instead (--trl-shim auto).
 # accelerate is listed for machines without it (the GPU machine has it: set WITH_ACCELERATE=0 to skip).
 #
 #   bash bench/pack_trl_wheels.sh [DEST]     # DEST defaults to .whl
