@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=2, help="timed steps")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per system, start-up included")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run; a system gets at most what is left")
+    parser.add_argument("--timeout", type=float, default=380.0, help="seconds per system, start-up included")
+    parser.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run; a system gets at most what is left")
     parser.add_argument("--work", default="outputs/bench_vs_trl")
     parser.add_argument("--out", help="also write the table here: .json, else markdown")
     parser.add_argument("--ours-backend", choices=("vllm", "hf"), help="our rollout engine (default: vllm on cuda, hf on cpu)")
@@ -230,13 +230,17 @@ def run_trl(args: argparse.Namespace, use_vllm: bool) -> dict:
         train_dataset=Dataset.from_list(trl_rows(data_dir / "train.jsonl", args.prompts * num_steps)),
         callbacks=[StepTimer()],
     )
-    print(f"TRL trainer up in {time.perf_counter() - start:.1f}s (shim: {shimmed})", flush=True)
+    import transformers
+    import trl
+
+    versions = f"trl {trl.__version__}, transformers {transformers.__version__}, shim {shimmed}"
+    print(f"TRL trainer up in {time.perf_counter() - start:.1f}s ({versions})", flush=True)
     trainer.train()
     seconds = [b - a for a, b in zip(times, times[1:])]
     lengths = [log["completions/mean_length"] for log in trainer.state.log_history if "completions/mean_length" in log]
     assert len(seconds) == num_steps == len(lengths), (len(seconds), num_steps, len(lengths))
     result = step_summary(seconds, [length * batch for length in lengths], args.warmup)
-    result["detail"] = f"micro-batch {micro}, grad checkpointing {args.trl_gradient_checkpointing}" + (
+    result["detail"] = f"{versions}, micro-batch {micro}, grad checkpointing {args.trl_gradient_checkpointing}" + (
         f", vLLM colocate at {args.trl_vllm_memory}" if use_vllm else ", transformers generate"
     )
     return result
