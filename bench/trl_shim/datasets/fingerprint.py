@@ -1,0 +1,5 @@
+"""Stand-in datasets.fingerprint (see bench/trl_shim/README.md)."""
+
+from _missing import placeholder
+
+Hasher = placeholder("datasets.fingerprint", "Hasher")

@@ -1,0 +1,9 @@
+"""Stand-in pyarrow.compute (see bench/trl_shim/README.md)."""
+
+from _missing import placeholder
+
+
+def __getattr__(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return placeholder("pyarrow.compute", name)
