@@ -139,7 +139,9 @@ def measure(config, qwen, on_gpu: bool) -> dict[str, tuple[float | None, float]]
     from lmmrl_megatron.convert.export import export_hf_weights
     from lmmrl_megatron.engine.megatron_engine import MegatronEngine
     from lmmrl_megatron.models.qwen_vl.policy import build_chunks
-    from lmmrl_megatron.trainer.policy_worker import make_policy_loss, qwen_vl_forward, qwen_vl_shards_to_hf
+    from lmmrl_megatron.models.qwen_vl.checkpoint_model import qwen_vl_shards_to_hf
+    from lmmrl_megatron.models.qwen_vl.policy import qwen_vl_forward
+    from lmmrl_megatron.trainer.policy_worker import make_policy_loss
 
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
     baseline = torch.cuda.memory_allocated() if on_gpu else 0

@@ -34,7 +34,7 @@ def build_engine(shape_name: str, device: str, dtype: str):
     from lmmrl_megatron.engine.megatron_engine import MegatronEngine
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
-    from lmmrl_megatron.trainer.policy_worker import qwen_vl_forward
+    from lmmrl_megatron.models.qwen_vl.policy import qwen_vl_forward
 
     qwen_config = QwenVLConfig.from_hf_dict(hf_config(SHAPES[shape_name]).to_dict())
     options = QwenVLBuildOptions(tp=1, pp=1, dtype=dtype, use_cpu_initialization=device == "cpu")
