@@ -47,5 +47,9 @@ def run(config: RunConfig) -> list[dict]:
 
 
 def without_timings(records: list[dict]) -> list[dict]:
-    """Every logged figure but the wall-clock ones, which no two runs share."""
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+    """Every logged figure but the wall-clock ones (`time/*`, seconds `*_s`, rates `*_gbps`), which no two runs share."""
+    return [{k: v for k, v in r.items() if not is_timing(k)} for r in records]
+
+
+def is_timing(key: str) -> bool:
+    return key.startswith("time/") or key.endswith(("_s", "_gbps"))
