@@ -7,9 +7,12 @@ lives in the pipeline (`Placement`) and how it is cut (`Transform`):
     Copy(tp_dim)        one HF tensor; split along `tp_dim` under TP, or replicated (tp_dim None)
     FusedQKV(...)       q, k, v (weights or biases) fused per query group: [q heads of group g; k_g; v_g] for each
                         group, groups split over TP ranks; KV heads replicated when there are fewer than TP ranks
-    FusedGateUp()       gate, up of a SwiGLU MLP: TP rank r holds [gate_r; up_r] (each split along dim 0)
+    HeadQKV(...)        one HF tensor packed [q; k; v] (each over all heads) -> per head [q_h; k_h; v_h]
+    FusedGateUp(width)  gate, up of a SwiGLU MLP: TP rank r holds [gate_r; up_r] (each split along dim 0); with
+                        `width`, both zero-padded to a multiple of TP first
+    PaddedSplit(...)    one HF tensor zero-padded along `tp_dim` to a multiple of TP, then split along it
     PaddedVocab(...)    embedding / output rows padded with zeros to Megatron's padded vocabulary, split by rows
-    custom transforms   (e.g. the vision tower's qkv re-layout) subclass `Transform`
+    other transforms    subclass `Transform`
 
 The two directions, for one concrete parameter (`MappedParam`, a rule bound to a layer index):
 
@@ -119,6 +122,27 @@ def _expect_shape(tensor: Tensor, shape: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{what}: shape {tuple(tensor.shape)} does not match the config's {shape}")
 
 
+def _expect_size(tensor: Tensor, dim: int, size: int, what: str) -> None:
+    if tensor.shape[dim] != size:
+        raise ValueError(f"{what}: dim {dim} of shape {tuple(tensor.shape)} is not the config's {size}")
+
+
+def pad_to_multiple(size: int, multiple: int) -> int:
+    """`size` rounded up to a multiple of `multiple`."""
+    return -(-size // multiple) * multiple
+
+
+def _zero_pad(tensor: Tensor, dim: int, size: int) -> Tensor:
+    """`tensor` with zeros appended along `dim` up to `size` entries (`tensor` itself when already that long)."""
+    missing = size - tensor.shape[dim]
+    assert missing >= 0, f"cannot pad dim {dim} of {tuple(tensor.shape)} down to {size}"
+    if missing == 0:
+        return tensor
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+
+
 class Transform:
     """How the HF tensors of one parameter become a TP shard, and back. Subclasses are frozen dataclasses."""
 
@@ -223,9 +247,41 @@ class FusedQKV(Transform):
 
 
 @dataclass(frozen=True)
-class FusedGateUp(Transform):
-    """gate and up projections of a SwiGLU MLP (weights or biases): TP rank r holds [gate_r; up_r]."""
+class HeadQKV(Transform):
+    """q, k, v of multi-head attention packed in one HF tensor (weights [out, in] or biases [out]): [q; k; v], each
+    over all heads. Megatron's tensor interleaves them per head, [q_0; k_0; v_0; q_1; k_1; v_1; ...], and TP ranks
+    hold consecutive rows of it (whole heads with their k and v when TP divides the heads).
+    """
 
+    num_heads: int
+    head_dim: int
+    tp_dim: int | None = 0
+    kind: str = "head_qkv"
+
+    def to_shard(self, hf: Sequence[Tensor], tp_rank: int, tp_size: int, what: str) -> Tensor:
+        (packed,) = hf
+        _expect_size(packed, 0, 3 * self.num_heads * self.head_dim, what)
+        rest = tuple(packed.shape[1:])
+        per_head = packed.reshape(3, self.num_heads, self.head_dim, *rest).transpose(0, 1).reshape(packed.shape)
+        return _split(per_head, tp_size, 0, what)[tp_rank]
+
+    def from_shards(self, shards: Sequence[Tensor], what: str) -> list[Tensor]:
+        per_head = cat_shards(shards, 0)
+        _expect_size(per_head, 0, 3 * self.num_heads * self.head_dim, f"{what} (TP shards joined)")
+        rest = tuple(per_head.shape[1:])
+        return [per_head.reshape(self.num_heads, 3, self.head_dim, *rest).transpose(0, 1).reshape(per_head.shape)]
+
+
+@dataclass(frozen=True)
+class FusedGateUp(Transform):
+    """gate and up projections of a SwiGLU MLP (weights or biases): TP rank r holds [gate_r; up_r].
+
+    With `width` (the MLP's width in the HF tensors), gate and up are zero-padded to a multiple of TP before the
+    split, so that a width TP does not divide still splits; converting back drops the padding. Zero units change
+    nothing: act(0) * 0 = 0, with zero fc2 columns (`PaddedSplit`), and their gradients are zero too.
+    """
+
+    width: int | None = None
     tp_dim: int | None = 0
     kind: str = "gate_up"
 
@@ -233,11 +289,38 @@ class FusedGateUp(Transform):
         gate, up = hf
         if gate.shape != up.shape:
             raise ValueError(f"{what}: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
+        if self.width is not None:
+            _expect_size(gate, 0, self.width, what)
+            padded = pad_to_multiple(self.width, tp_size)
+            gate, up = _zero_pad(gate, 0, padded), _zero_pad(up, 0, padded)
         return torch.cat([_split(gate, tp_size, 0, what)[tp_rank], _split(up, tp_size, 0, what)[tp_rank]], dim=0)
 
     def from_shards(self, shards: Sequence[Tensor], what: str) -> list[Tensor]:
         halves = [shard.chunk(2, dim=0) for shard in shards]
-        return [cat_shards([h[0] for h in halves], 0), cat_shards([h[1] for h in halves], 0)]
+        gate, up = cat_shards([h[0] for h in halves], 0), cat_shards([h[1] for h in halves], 0)
+        if self.width is None:
+            return [gate, up]
+        return [gate[: self.width], up[: self.width]]
+
+
+@dataclass(frozen=True)
+class PaddedSplit(Transform):
+    """One HF tensor whose dim `tp_dim` has `size` entries, zero-padded to a multiple of TP, then split along it
+    (e.g. the fc1 rows and fc2 columns of an MLP whose width TP does not divide); converting back drops the
+    padding."""
+
+    size: int
+    tp_dim: int = 0
+    kind: str = "padded_split"
+
+    def to_shard(self, hf: Sequence[Tensor], tp_rank: int, tp_size: int, what: str) -> Tensor:
+        (tensor,) = hf
+        _expect_size(tensor, self.tp_dim, self.size, what)
+        padded = _zero_pad(tensor, self.tp_dim, pad_to_multiple(self.size, tp_size))
+        return _split(padded, tp_size, self.tp_dim, what)[tp_rank]
+
+    def from_shards(self, shards: Sequence[Tensor], what: str) -> list[Tensor]:
+        return [cat_shards(shards, self.tp_dim).narrow(self.tp_dim, 0, self.size)]
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int, make_vocab_size_divisible_by: int = 128) -> int:

@@ -9,6 +9,8 @@ from lmmrl_megatron.convert.mapping import (
     Copy,
     FusedGateUp,
     FusedQKV,
+    HeadQKV,
+    PaddedSplit,
     PaddedVocab,
     ShardLayout,
     decoder_layer_range,
@@ -102,6 +104,50 @@ def test_gate_up_and_vocab_layouts() -> None:
         vocab.to_shard([torch.randn(6, 3)], 0, 2, "emb")
     with pytest.raises(ValueError, match="does not split over tp=3"):
         Copy(tp_dim=0).to_shard([torch.randn(4, 2)], 0, 3, "w")
+
+
+def test_head_qkv_groups_each_head_with_its_key_and_value() -> None:
+    heads, head_dim = 3, 2
+    rows = torch.arange(3 * heads * head_dim)  # HF: q heads, then k heads, then v heads
+    packed = HeadQKV(num_heads=heads, head_dim=head_dim)
+    ours = packed.to_shard([rows], 0, 1, "qkv")
+    for h in range(heads):
+        block = ours[h * 3 * head_dim : (h + 1) * 3 * head_dim]
+        expected = [rows[(part * heads + h) * head_dim : (part * heads + h + 1) * head_dim] for part in range(3)]
+        assert torch.equal(block, torch.cat(expected))
+    weight = torch.randn(3 * heads * head_dim, 5)
+    assert torch.equal(packed.from_shards([packed.to_shard([weight], 0, 1, "qkv")], "qkv")[0], weight)
+    with pytest.raises(ValueError, match=r"qkv: dim 0 of shape \(17, 5\) is not the config's 18"):
+        packed.to_shard([torch.randn(17, 5)], 0, 1, "qkv")
+
+
+@pytest.mark.parametrize("tp_size", [1, 2, 4])
+def test_gate_up_with_width_gives_each_rank_its_padded_gate_and_up(tp_size: int) -> None:
+    gate, up = torch.randn(7, 3), torch.randn(7, 3)
+    padded = -(-7 // tp_size) * tp_size
+    fc1 = FusedGateUp(width=7)
+    shards = [fc1.to_shard([gate, up], rank, tp_size, "fc1") for rank in range(tp_size)]
+    assert torch.cat(shards).shape == (2 * padded, 3)
+    per_rank = padded // tp_size
+    for rank, shard in enumerate(shards):
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        want_gate = torch.cat([gate, torch.zeros(padded - 7, 3)])[rows]
+        want_up = torch.cat([up, torch.zeros(padded - 7, 3)])[rows]
+        assert torch.equal(shard, torch.cat([want_gate, want_up]))
+    back_gate, back_up = fc1.from_shards(shards, "fc1")
+    assert torch.equal(back_gate, gate) and torch.equal(back_up, up)
+
+
+@pytest.mark.parametrize("tp_dim", [0, 1])
+def test_padded_split_pads_to_a_multiple_of_tp_and_drops_the_padding_back(tp_dim: int) -> None:
+    tensor = torch.randn(7, 7)
+    split = PaddedSplit(size=7, tp_dim=tp_dim)
+    shards = [split.to_shard([tensor], rank, 4, "fc2") for rank in range(4)]
+    assert all(shard.shape[tp_dim] == 2 for shard in shards)
+    assert torch.equal(torch.cat(shards, dim=tp_dim).narrow(tp_dim, 7, 1), torch.zeros(7, 7).narrow(tp_dim, 0, 1))
+    assert torch.equal(split.from_shards(shards, "fc2")[0], tensor)
+    with pytest.raises(ValueError, match="is not the config's 7"):
+        split.to_shard([torch.randn(6, 6)], 0, 4, "fc2")
 
 
 def test_shape_mismatch_names_the_parameter() -> None:

@@ -1,9 +1,9 @@
 """Our vision tower against transformers' on tiny checkpoints: merged features and gradients, at TP=1 and TP=2.
 
 The HF tower runs here; ours runs in gloo workers (Megatron's parallel state needs them) that load their TP
-shard through `hf_vision_state_to_megatron`. Inputs are real processor output for four images of different,
-mostly non-square sizes in one batch; with the tiny window (2x2 merged tokens) three of them end in partial
-windows.
+shard through the tower's mapping rules (`vision_rules`). Inputs are real processor output for four images of
+different, mostly non-square sizes in one batch; with the tiny window (2x2 merged tokens) three of them end in
+partial windows.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def run_our_towers(cases: list[VisionCase], recompute: bool = False) -> dict[str
 
     from lmmrl_megatron.models.qwen_vl.vision import QwenVisionEncoder
     from lmmrl_megatron.models.qwen_vl.vision_config import VisionEncoderConfig, vision_transformer_config
-    from lmmrl_megatron.models.qwen_vl.vision_layout import hf_vision_state_to_megatron
+    from lmmrl_megatron.convert.mapping import hf_to_mcore_shard
+    from lmmrl_megatron.models.qwen_vl.mapping import HF_VISION, VISION, vision_rules
 
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     decoder_like = TransformerConfig(
@@ -100,7 +101,11 @@ def run_our_towers(cases: list[VisionCase], recompute: bool = False) -> dict[str
         vision = VisionEncoderConfig.from_hf(case.vision_config, arch=case.arch)
         encoder = QwenVisionEncoder(vision, vision_transformer_config(vision, decoder_like))
         assert encoder.config.recompute_granularity == ("full" if recompute else None)
-        state = hf_vision_state_to_megatron(case.hf_state, vision, tp_rank, tp_size)
+        hf_state = {HF_VISION + name: tensor for name, tensor in case.hf_state.items()}
+        state = {
+            param.mcore_name.removeprefix(VISION): hf_to_mcore_shard(param, hf_state, tp_rank, tp_size)
+            for param in (rule.bind() for rule in vision_rules(vision))
+        }
         missing, unexpected = encoder.load_state_dict(state, strict=False)
         assert not unexpected and all(key.endswith("_extra_state") for key in missing), (missing, unexpected)
         features = encoder(case.pixel_values, case.image_grid_thw)

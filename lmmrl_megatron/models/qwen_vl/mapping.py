@@ -13,24 +13,27 @@ Tied embeddings (`tie_word_embeddings`): there is no `lm_head.weight`. The first
 `model.embed_tokens.weight`; under PP the last chunk's output layer holds a copy (Megatron's shared embedding),
 which loads from the same HF tensor and is not exported (`exported=False`).
 
+The vision tower (`vision_rules`) lives whole on the first chunk, its blocks named with their own index. Its HF
+`attn.qkv` is packed [q; k; v] over all heads (`HeadQKV`: per head in Megatron), and its MLP width is zero-padded
+to a multiple of TP (`FusedGateUp(width)` for Qwen2.5-VL's SwiGLU, `PaddedSplit` for fc1 / fc2 columns), as
+`VisionEncoderConfig.padded_intermediate_size` builds the tower.
+
 Transformer-Engine names: the decoder's pre-attention and pre-MLP norms are fused into the following linear
 (`self_attention.linear_qkv.layer_norm_weight`, `mlp.linear_fc1.layer_norm_weight`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Sequence
-
-import torch
-from torch import Tensor
+from typing import Literal
 
 from lmmrl_megatron.convert.hf_io import canonical_hf_name  # noqa: F401 (the family's naming, re-exported)
 from lmmrl_megatron.convert.mapping import (
     Copy,
     FusedGateUp,
     FusedQKV,
+    HeadQKV,
     MappedParam,
+    PaddedSplit,
     PaddedVocab,
     ParamRule,
     ShardLayout,
@@ -40,13 +43,6 @@ from lmmrl_megatron.convert.mapping import (
 )
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
 from lmmrl_megatron.models.qwen_vl.vision_config import VisionEncoderConfig
-from lmmrl_megatron.models.qwen_vl.vision_layout import (
-    VisionParamMapping,
-    hf_to_megatron_tensor,
-    megatron_to_hf_tensors,
-    tp_shard,
-    vision_parameter_mappings,
-)
 
 TransformerImpl = Literal["local", "transformer_engine"]
 
@@ -90,53 +86,64 @@ def decoder_rules(config: QwenVLConfig, transformer_impl: TransformerImpl = "loc
     return rules
 
 
-@dataclass(frozen=True, eq=False)
-class VisionTensor(Transform):
-    """A vision-tower parameter, cut with the vision tower's own re-layouts (`models/qwen_vl/vision_layout.py`):
-    HF `qkv` packed [q; k; v] over heads -> Megatron's per-head [q_h; k_h; v_h]; SwiGLU gate/up fused per TP rank;
-    the MLP width zero-padded to a multiple of TP."""
-
-    mapping: VisionParamMapping
-    vision: VisionEncoderConfig
-
-    @property
-    def kind(self) -> str:  # type: ignore[override]
-        return "vision_" + self.mapping.transform
-
-    @property
-    def tp_dim(self) -> int | None:  # type: ignore[override]
-        return self.mapping.tp_split_dim
-
-    def to_shard(self, hf: Sequence[Tensor], tp_rank: int, tp_size: int, what: str) -> Tensor:
-        try:
-            full = hf_to_megatron_tensor(self.mapping, tuple(hf), self.vision, tp_size)
-            return tp_shard(full, self.mapping.tp_split_dim, tp_rank, tp_size)
-        except (AssertionError, RuntimeError, ValueError) as exc:
-            shapes = [tuple(t.shape) for t in hf]
-            raise ValueError(f"{what}: HF tensors of shapes {shapes} do not fit the vision config ({exc})") from exc
-
-    def from_shards(self, shards: Sequence[Tensor], what: str) -> list[Tensor]:
-        dim = self.mapping.tp_split_dim
-        full = shards[0] if dim is None or len(shards) == 1 else torch.cat(list(shards), dim=dim)
-        return list(megatron_to_hf_tensors(self.mapping, full, self.vision, len(shards)))
+def _vision_rule(mcore: str, hf: str | tuple[str, ...], transform: Transform) -> ParamRule:
+    """A vision-tower rule: names relative to the tower (`QwenVisionEncoder`, HF's `visual`), on the first chunk."""
+    sources = (hf,) if isinstance(hf, str) else hf
+    return ParamRule(VISION + mcore, tuple(HF_VISION + name for name in sources), transform, "first")
 
 
-def vision_rules(config: QwenVLConfig) -> list[ParamRule]:
-    """The vision tower's and patch merger's rules (all on the first chunk), from the tower's own table."""
-    return [
-        ParamRule(
-            VISION + mapping.megatron_name,
-            tuple(HF_VISION + name for name in mapping.hf_names),
-            VisionTensor(mapping, config.vision),
-            "first",
-        )
-        for mapping in vision_parameter_mappings(config.vision)
+def _vision_block_rules(vision: VisionEncoderConfig, block: int) -> list[ParamRule]:
+    """The rules of vision block `block`: attention `qkv` packed [q; k; v] in HF, per head in Megatron; the MLP
+    width zero-padded to a multiple of TP (`VisionEncoderConfig.padded_intermediate_size`)."""
+    ours, theirs = f"decoder.layers.{block}.", f"blocks.{block}."
+    norm_suffixes = ("weight", "bias") if vision.normalization == "LayerNorm" else ("weight",)
+    qkv = HeadQKV(vision.num_heads, vision.head_dim)
+    width = vision.intermediate_size
+    rules = []
+    for suffix in norm_suffixes:
+        rules.append(_vision_rule(f"{ours}input_layernorm.{suffix}", f"{theirs}norm1.{suffix}", Copy()))
+        rules.append(_vision_rule(f"{ours}pre_mlp_layernorm.{suffix}", f"{theirs}norm2.{suffix}", Copy()))
+    rules += [
+        _vision_rule(f"{ours}self_attention.linear_qkv.weight", f"{theirs}attn.qkv.weight", qkv),
+        _vision_rule(f"{ours}self_attention.linear_qkv.bias", f"{theirs}attn.qkv.bias", qkv),
+        _vision_rule(f"{ours}self_attention.linear_proj.weight", f"{theirs}attn.proj.weight", Copy(tp_dim=1)),
+        _vision_rule(f"{ours}self_attention.linear_proj.bias", f"{theirs}attn.proj.bias", Copy()),
     ]
+    for suffix in ("weight", "bias"):
+        fc1 = f"{ours}mlp.linear_fc1.{suffix}"
+        if vision.gated_mlp:
+            gate_up = (f"{theirs}mlp.gate_proj.{suffix}", f"{theirs}mlp.up_proj.{suffix}")
+            rules.append(_vision_rule(fc1, gate_up, FusedGateUp(width)))
+        else:
+            rules.append(_vision_rule(fc1, f"{theirs}mlp.fc1.{suffix}", PaddedSplit(width)))
+    fc2 = f"{theirs}mlp.down_proj" if vision.gated_mlp else f"{theirs}mlp.fc2"
+    rules += [
+        _vision_rule(f"{ours}mlp.linear_fc2.weight", f"{fc2}.weight", PaddedSplit(width, tp_dim=1)),
+        _vision_rule(f"{ours}mlp.linear_fc2.bias", f"{fc2}.bias", Copy()),
+    ]
+    return rules
+
+
+def vision_rules(vision: VisionEncoderConfig) -> list[ParamRule]:
+    """The vision tower's and patch merger's rules, all on the first chunk. Its blocks are named with their index
+    (the `{layer}` of a rule is a decoder layer's)."""
+    norm_suffixes = ("weight", "bias") if vision.normalization == "LayerNorm" else ("weight",)
+    rules = [_vision_rule("patch_embed.proj.weight", "patch_embed.proj.weight", Copy())]
+    for block in range(vision.depth):
+        rules += _vision_block_rules(vision, block)
+    rules += [_vision_rule(f"merger.ln_q.{suffix}", f"merger.ln_q.{suffix}", Copy()) for suffix in norm_suffixes]
+    rules += [
+        _vision_rule("merger.linear_fc1.weight", "merger.mlp.0.weight", Copy(tp_dim=0)),
+        _vision_rule("merger.linear_fc1.bias", "merger.mlp.0.bias", Copy(tp_dim=0)),
+        _vision_rule("merger.linear_fc2.weight", "merger.mlp.2.weight", Copy(tp_dim=1)),
+        _vision_rule("merger.linear_fc2.bias", "merger.mlp.2.bias", Copy()),
+    ]
+    return rules
 
 
 def qwen_vl_rules(config: QwenVLConfig, transformer_impl: TransformerImpl = "local") -> list[ParamRule]:
     """Every rule of the model, vision tower first."""
-    return vision_rules(config) + decoder_rules(config, transformer_impl)
+    return vision_rules(config.vision) + decoder_rules(config, transformer_impl)
 
 
 def qwen_vl_params(config: QwenVLConfig, transformer_impl: TransformerImpl = "local") -> list[MappedParam]:

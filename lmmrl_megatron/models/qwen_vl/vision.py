@@ -89,8 +89,8 @@ class VisionPatchMerger(MegatronModule):
 
 class QwenVisionEncoder(MegatronModule):
     """Vision tower of Qwen2-VL / Qwen2.5-VL. Parameters are named like Megatron's GPT layers:
-    `patch_embed.proj.weight`, `decoder.layers.{i}.*`, `merger.*`; `vision_layout.vision_parameter_mappings`
-    lists each with its Hugging Face source and tensor-parallel split."""
+    `patch_embed.proj.weight`, `decoder.layers.{i}.*`, `merger.*`; `mapping.vision_rules` lists each with its
+    Hugging Face source and tensor-parallel split."""
 
     def __init__(self, config: VisionEncoderConfig, transformer_config: TransformerConfig) -> None:
         super().__init__(config=transformer_config)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from lmmrl_megatron.convert.mapping import pad_to_multiple
+
 VisionArch = Literal["qwen2_vl", "qwen2_5_vl"]
 VISION_ARCHS: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
 _ARCH_BY_MODEL_TYPE = {
@@ -130,7 +132,7 @@ class VisionEncoderConfig:
         The extra units have zero weights and biases in fc1 and fc2 and act(0) * 0 = 0, so they change nothing
         and stay zero under training (their gradients are zero too).
         """
-        return -(-self.intermediate_size // tensor_parallel_size) * tensor_parallel_size
+        return pad_to_multiple(self.intermediate_size, tensor_parallel_size)
 
     @staticmethod
     def from_hf(vision_config: dict[str, Any], arch: str | None = None) -> "VisionEncoderConfig":
