@@ -33,7 +33,6 @@ from lmmrl_megatron.convert.mapping import (
     MappedParam,
     PaddedVocab,
     ParamRule,
-    ShardLayout,
     Transform,
     chunk_params,
     expand_rules,
@@ -47,6 +46,7 @@ from lmmrl_megatron.models.qwen_vl.vision_layout import (
     tp_shard,
     vision_parameter_mappings,
 )
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 TransformerImpl = Literal["local", "transformer_engine"]
 
