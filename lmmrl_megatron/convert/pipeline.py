@@ -1,6 +1,7 @@
 """The two offline converters: Hugging Face <-> Megatron-Core distributed checkpoint, both streaming, any family.
 
     from lmmrl_megatron.models.registry import family_of_hf_dir
+    from lmmrl_megatron.parallel.layout import ShardLayout
     convert_hf_to_mcore(ConvertOptions(src=hf_dir, out=mcore_dir, layout=ShardLayout(tp=8, pp=4)), family_of_hf_dir)
     convert_mcore_to_hf(ConvertOptions(src=mcore_dir, out=hf_dir, hf_template=None), family_of_hf_dir)
 

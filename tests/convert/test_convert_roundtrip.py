@@ -68,7 +68,8 @@ def _run_link(
 def test_roundtrip_is_bit_exact_and_layouts_agree(tmp_path: Path, arch: str) -> None:
     hf = make_tiny_checkpoint(arch, tmp_path / "hf")
     want = hf_state(hf)
-    options = ConvertOptions(src=str(hf), out=str(tmp_path / "converted"), layout=ShardLayout(tp=2, pp=2), progress=False)
+    options = ConvertOptions(src=str(hf), out=str(tmp_path / "converted"), layout=ShardLayout(tp=2, pp=2),
+                             progress=False)
     converted = convert_hf_to_mcore(options, family_of_hf_dir)
     load_from, reference = str(converted), None
     for tp, pp in [(2, 2), (1, 1), (2, 1), (1, 2)]:
