@@ -339,8 +339,9 @@ def init_megatron(device: str, seed: int) -> None:
 def build_ours(qwen_config, dtype: str, device: str, recompute: str, fused: bool = True):
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
+    from lmmrl_megatron.parallel.layout import ShardLayout
 
-    options = QwenVLBuildOptions(tp=1, pp=1, dtype=dtype, recompute=recompute, fused_kernels=fused,
+    options = QwenVLBuildOptions(layout=ShardLayout(tp=1, pp=1), dtype=dtype, recompute=recompute, fused_kernels=fused,
                                  use_cpu_initialization=device == "cpu", perform_initialization=False)
     return QwenVLModel(qwen_config, options, pre_process=True, post_process=True)
 

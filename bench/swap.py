@@ -35,9 +35,10 @@ def build_engine(shape_name: str, device: str, dtype: str):
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
     from lmmrl_megatron.models.qwen_vl.policy import qwen_vl_forward
+    from lmmrl_megatron.parallel.layout import ShardLayout
 
     qwen_config = QwenVLConfig.from_hf_dict(hf_config(SHAPES[shape_name]).to_dict())
-    options = QwenVLBuildOptions(tp=1, pp=1, dtype=dtype, use_cpu_initialization=device == "cpu")
+    options = QwenVLBuildOptions(layout=ShardLayout(tp=1, pp=1), dtype=dtype, use_cpu_initialization=device == "cpu")
     model = QwenVLModel(qwen_config, options, pre_process=True, post_process=True)
     if device == "cuda":
         model = model.cuda(torch.cuda.current_device())

@@ -19,12 +19,7 @@ from lmmrl_megatron.plan.gpus import GPUS, get_gpu
 def _check_meta(plan) -> str:
     from lmmrl_megatron.plan.meta import meta_stage_counts
 
-    p = plan.config.parallel
-    counts = meta_stage_counts(
-        plan.qwen, p.tp, p.pp,
-        num_layers_in_first_pipeline_stage=p.num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=p.num_layers_in_last_pipeline_stage,
-    )
+    counts = meta_stage_counts(plan.qwen, plan.config.parallel.layout)
     built = [c["total"] for c in counts]
     planned = [s.total for s in plan.stages]
     if built != planned:

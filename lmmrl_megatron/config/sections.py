@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lmmrl_megatron.parallel.layout import ShardLayout
+
 
 @dataclass
 class ModelConfig:
@@ -23,7 +25,8 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Megatron layout of each trained model; data parallel size is what the world size leaves."""
+    """Megatron layout of each trained model, as the YAML spells it (`layout` is the one type the code uses); data
+    parallel size is what the world size leaves."""
 
     tp: int = 1
     pp: int = 1
@@ -32,14 +35,22 @@ class ParallelConfig:
     num_layers_in_first_pipeline_stage: int | None = None
     num_layers_in_last_pipeline_stage: int | None = None
 
+    @property
+    def layout(self) -> ShardLayout:
+        return ShardLayout(
+            tp=self.tp,
+            pp=self.pp,
+            vpp=self.vpp,
+            sequence_parallel=self.sequence_parallel,
+            num_layers_in_first_pipeline_stage=self.num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=self.num_layers_in_last_pipeline_stage,
+        )
+
     def __post_init__(self) -> None:
-        for name in ("tp", "pp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
-            raise ValueError(f"parallel.vpp={self.vpp} needs vpp >= 2 and pp >= 2 (pp={self.pp})")
-        if self.sequence_parallel and self.tp == 1:
-            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
+        try:
+            self.layout  # noqa: B018 - building the layout is its validation
+        except ValueError as exc:
+            raise ValueError(f"parallel.{exc}") from None
 
 
 @dataclass

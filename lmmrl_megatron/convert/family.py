@@ -16,6 +16,7 @@ import torch
 from lmmrl_megatron.convert.dcp_stream import CheckpointTemplate
 from lmmrl_megatron.convert.export import HFTensors
 from lmmrl_megatron.convert.hf_io import TensorSpec
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 
 class CheckpointModel(Protocol):
@@ -37,7 +38,7 @@ class CheckpointFamily(Protocol):
 
     def read_config(self, hf_dir: str | Path) -> Any: ...
 
-    def check_layout(self, config: Any, tp: int, pp: int) -> None: ...
+    def check_layout(self, config: Any, layout: ShardLayout) -> None: ...
 
     def canonical_hf_name(self, name: str) -> str: ...
 

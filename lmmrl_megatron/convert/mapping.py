@@ -19,10 +19,9 @@ The two directions, for one concrete parameter (`MappedParam`, a rule bound to a
     shard = hf_to_mcore_shard(param, {hf_name: tensor, ...}, tp_rank, tp_size)   # this rank's slice
     hf = mcore_shards_to_hf(param, [shard_0, ..., shard_{tp-1}])                  # {hf_name: tensor}, unpadded
 
-Both work on any device, `meta` included (shape checks without memory). Pipeline placement:
-`decoder_layer_range(num_layers, layout, pp_rank, vp_stage)` gives the global layer indices a model chunk holds,
-with Megatron's rules for uneven first/last stages and virtual (interleaved) stages; `chunk_params(...)` lists the
-parameters of one chunk; `local_mcore_name(...)` renames a global name to the chunk's module name.
+Both work on any device, `meta` included (shape checks without memory). Pipeline placement: `chunk_params(...)`
+lists the parameters of one chunk of a `ShardLayout` (`parallel/layout.py`, whose `decoder_layer_range` gives the
+global layer indices a chunk holds); `local_mcore_name(...)` renames a global name to the chunk's module name.
 """
 
 from __future__ import annotations
@@ -33,79 +32,12 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lmmrl_megatron.parallel.layout import ShardLayout
+
 # Where a parameter lives: on the first model chunk (embedding, vision tower), the last one (final norm, output
 # layer), the chunk holding its decoder layer, or - for tied embeddings under PP - the last chunk's copy of the
 # embedding (only when the last chunk is not also the first).
 Placement = Literal["first", "last", "decoder_layer", "tied_output"]
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    """The TP x PP (x virtual PP) layout a model is cut into; uneven first/last stages as in Megatron."""
-
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None
-    num_layers_in_first_pipeline_stage: int | None = None
-    num_layers_in_last_pipeline_stage: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
-        if self.vpp is not None and self.vpp < 1:
-            raise ValueError(f"vpp must be >= 1, got {self.vpp}")
-
-    @property
-    def num_chunks_per_stage(self) -> int:
-        return self.vpp or 1
-
-    def is_first_chunk(self, pp_rank: int, vp_stage: int | None = None) -> bool:
-        return pp_rank == 0 and (vp_stage or 0) == 0
-
-    def is_last_chunk(self, pp_rank: int, vp_stage: int | None = None) -> bool:
-        return pp_rank == self.pp - 1 and (vp_stage or 0) == self.num_chunks_per_stage - 1
-
-
-def _layers_per_stage(num_layers: int, layout: ShardLayout) -> list[int]:
-    """Decoder layers on each pipeline stage (all its virtual chunks together)."""
-    first, last = layout.num_layers_in_first_pipeline_stage, layout.num_layers_in_last_pipeline_stage
-    if layout.pp == 1:
-        if first is not None or last is not None:
-            raise ValueError("num_layers_in_first/last_pipeline_stage need pp > 1")
-        return [num_layers]
-    fixed = {0: first} if first is not None else {}
-    if last is not None:
-        fixed[layout.pp - 1] = last
-    remaining_layers = num_layers - sum(fixed.values())
-    remaining_stages = layout.pp - len(fixed)
-    if remaining_layers < 0 or (remaining_stages == 0 and remaining_layers != 0):
-        raise ValueError(f"{num_layers} decoder layers cannot be split with first={first}, last={last} over pp={layout.pp}")
-    if remaining_stages and remaining_layers % remaining_stages:
-        raise ValueError(f"{remaining_layers} decoder layers do not split evenly over the {remaining_stages} "
-                         f"pipeline stages left (first={first}, last={last}, pp={layout.pp})")
-    even = remaining_layers // remaining_stages if remaining_stages else 0
-    return [fixed.get(stage, even) for stage in range(layout.pp)]
-
-
-def decoder_layer_range(num_layers: int, layout: ShardLayout, pp_rank: int, vp_stage: int | None = None) -> range:
-    """Global (0-based) indices of the decoder layers of chunk (pp_rank, vp_stage).
-
-    Without virtual stages, stages hold consecutive blocks of layers. With `vpp` chunks per stage, each stage's
-    layer count is divided into `vpp` equal chunks and the model is laid out chunk-major: chunk v of every stage,
-    in stage order, then chunk v + 1 (Megatron's interleaved schedule).
-    """
-    if not 0 <= pp_rank < layout.pp:
-        raise ValueError(f"pp_rank={pp_rank} outside pp={layout.pp}")
-    per_stage = _layers_per_stage(num_layers, layout)
-    vpp = layout.num_chunks_per_stage
-    if (vp_stage or 0) >= vpp:
-        raise ValueError(f"vp_stage={vp_stage} outside vpp={layout.vpp}")
-    for stage, count in enumerate(per_stage):
-        if count % vpp:
-            raise ValueError(f"pipeline stage {stage} holds {count} layers, not a multiple of vpp={vpp}")
-    per_chunk = [count // vpp for count in per_stage]
-    start = (vp_stage or 0) * sum(per_chunk) + sum(per_chunk[:pp_rank])
-    return range(start, start + per_chunk[pp_rank])
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -431,7 +363,7 @@ def chunk_params(
     params: Sequence[MappedParam], num_layers: int, layout: ShardLayout, pp_rank: int, vp_stage: int | None = None
 ) -> list[MappedParam]:
     """The parameters that live on model chunk (pp_rank, vp_stage)."""
-    layers = decoder_layer_range(num_layers, layout, pp_rank, vp_stage)
+    layers = layout.decoder_layer_range(num_layers, pp_rank, vp_stage)
     first = layout.is_first_chunk(pp_rank, vp_stage)
     last = layout.is_last_chunk(pp_rank, vp_stage)
     selected = []

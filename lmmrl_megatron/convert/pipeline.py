@@ -1,7 +1,8 @@
 """The two offline converters: Hugging Face <-> Megatron-Core distributed checkpoint, both streaming, any family.
 
     from lmmrl_megatron.models.registry import family_of_hf_dir
-    convert_hf_to_mcore(ConvertOptions(src=hf_dir, out=mcore_dir, tp=8, pp=4), family_of_hf_dir)
+    from lmmrl_megatron.parallel.layout import ShardLayout
+    convert_hf_to_mcore(ConvertOptions(src=hf_dir, out=mcore_dir, layout=ShardLayout(tp=8, pp=4)), family_of_hf_dir)
     convert_mcore_to_hf(ConvertOptions(src=mcore_dir, out=hf_dir, hf_template=None), family_of_hf_dir)
 
 The model comes from its family (`convert/family.py`), which the resolver finds from the HF config (the source, or
@@ -23,7 +24,7 @@ processor and chat template in `hf_template/`, so converting back needs no other
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -42,6 +43,7 @@ from lmmrl_megatron.convert.family import FamilyResolver
 from lmmrl_megatron.convert.hf_io import DEFAULT_MAX_SHARD_BYTES, HFCheckpointReader, HFShardedWriter, copy_template_files
 from lmmrl_megatron.convert.mcore_ckpt import CONTENT_FORMAT, HF_TEMPLATE_SUBDIR
 from lmmrl_megatron.convert.single_process import single_process_megatron
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 
 @dataclass
@@ -50,8 +52,8 @@ class ConvertOptions:
 
     src: str
     out: str
-    tp: int = 1  # HF -> Megatron: the layout the checkpoint is meant for (checked, recorded; it loads at any)
-    pp: int = 1
+    # HF -> Megatron: the layout the checkpoint is meant for (checked, its tp/pp recorded; it loads at any)
+    layout: ShardLayout = field(default_factory=ShardLayout)
     hf_template: str | None = None  # Megatron -> HF: config/tokenizer source (default: the checkpoint's own)
     layers_per_step: int = 1  # Megatron -> HF: layers read at a time
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -59,7 +61,7 @@ class ConvertOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "layers_per_step", "max_shard_bytes"):
+        for name in ("layers_per_step", "max_shard_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -83,7 +85,7 @@ def convert_hf_to_mcore(options: ConvertOptions, family_of: FamilyResolver) -> P
     reader = HFCheckpointReader(options.src)
     family = family_of(Path(options.src))
     config = family.read_config(options.src)
-    family.check_layout(config, options.tp, options.pp)
+    family.check_layout(config, options.layout)
     stored_name = {family.canonical_hf_name(name): name for name in reader.names}
 
     def read_hf(name: str) -> torch.Tensor:
@@ -95,8 +97,8 @@ def convert_hf_to_mcore(options: ConvertOptions, family_of: FamilyResolver) -> P
         "format": CONTENT_FORMAT,
         "model_type": reader.model_type,
         "converted_from": str(Path(options.src).absolute()),
-        "intended_tp": options.tp,
-        "intended_pp": options.pp,
+        "intended_tp": options.layout.tp,
+        "intended_pp": options.layout.pp,
     }
     with single_process_megatron():
         model = family.checkpoint_model(config, _hf_dtype(reader))

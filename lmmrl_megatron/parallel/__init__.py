@@ -1,1 +1,1 @@
-"""Process groups and platform backends for Megatron-Core."""
+"""The parallel layout (`layout.py`), and process groups and platform backends for Megatron-Core."""

@@ -21,11 +21,12 @@ import os
 import shutil
 import tempfile
 import traceback
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
+
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 
 # Imported once by the fork server; workers inherit them. A module that fails to import is skipped by multiprocessing.
@@ -52,25 +53,7 @@ def _worker_context():
     return _context
 
 
-@dataclass(frozen=True)
-class ParallelLayout:
-    """The parallel layout a distributed test runs at; data parallel size is what is left of the world."""
-
-    world_size: int
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None
-
-    @property
-    def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp)
-
-    def __post_init__(self) -> None:
-        if self.world_size % (self.tp * self.pp) != 0:
-            raise ValueError(f"world_size={self.world_size} is not a multiple of tp*pp={self.tp * self.pp}")
-
-
-def init_megatron_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
+def init_megatron_parallel(layout: ShardLayout, seed: int = 1234) -> None:
     """Initialise Megatron-Core's parallel groups and RNG in an already initialised gloo process group."""
     from megatron.core import parallel_state, tensor_parallel
 
@@ -85,7 +68,8 @@ def init_megatron_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
 
 def _worker(
     rank: int,
-    layout: ParallelLayout,
+    world_size: int,
+    layout: ShardLayout,
     store_path: str,
     fn: Callable[..., Any],
     args: tuple,
@@ -94,7 +78,7 @@ def _worker(
 ) -> None:
     os.environ.clear()
     os.environ.update(environ)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(layout.world_size))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)  # N workers share a couple of cores; more threads only thrash
     try:
         from lmmrl_megatron.parallel.cpu_backend import install_cpu_backend
@@ -102,7 +86,7 @@ def _worker(
         install_cpu_backend()
         # A file rendezvous, not a TCP port: parallel test runs on one machine cannot collide on it.
         torch.distributed.init_process_group(
-            "gloo", init_method=f"file://{store_path}", rank=rank, world_size=layout.world_size
+            "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size
         )
         init_megatron_parallel(layout)
         value = fn(*args)
@@ -132,14 +116,17 @@ def run_distributed(
     timeout_s: float = 300.0,
 ) -> list[Any]:
     """Run `fn(*args)` on `world_size` gloo ranks at the given TP x PP layout; return the results by rank."""
-    layout = ParallelLayout(world_size=world_size, tp=tp, pp=pp, vpp=vpp)
+    layout = ShardLayout(tp=tp, pp=pp, vpp=vpp)
+    layout.data_parallel_size(world_size)  # refuses a world the layout does not divide
     ctx = _worker_context()
     results = ctx.Queue()
     store_dir = tempfile.mkdtemp(prefix="lmmrl-dist-")
     store_path = os.path.join(store_dir, "store")
     environ = dict(os.environ)
     procs = [
-        ctx.Process(target=_worker, args=(rank, layout, store_path, fn, args, results, environ), daemon=True)
+        ctx.Process(
+            target=_worker, args=(rank, world_size, layout, store_path, fn, args, results, environ), daemon=True
+        )
         for rank in range(world_size)
     ]
     for proc in procs:

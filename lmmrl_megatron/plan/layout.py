@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lmmrl_megatron.convert.mapping import _layers_per_stage
-from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig, kv_replication
+from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig, kv_replication
 
 if TYPE_CHECKING:  # read by its fields: config/validate.py calls into plan/, so plan/ imports no config
     from lmmrl_megatron.config.schema import RunConfig
@@ -31,13 +30,8 @@ def _tp_problems(qwen: QwenVLConfig, tp: int) -> list[str]:
 
 def _pp_problems(qwen: QwenVLConfig, config: RunConfig) -> list[str]:
     parallel = config.parallel
-    options = QwenVLBuildOptions(
-        tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp,
-        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
-    )
     try:
-        per_stage = _layers_per_stage(qwen.text.num_layers, options.shard_layout)
+        per_stage = parallel.layout.layers_per_stage(qwen.text.num_layers)
     except ValueError as exc:
         return [f"parallel.pp / num_layers_in_first/last_pipeline_stage: {exc}"]
     problems = []

@@ -84,7 +84,7 @@ class Roles:
 
 
 def data_parallel_size(config: RunConfig) -> int:
-    return config.trainer.actor_world_size // (config.parallel.tp * config.parallel.pp)
+    return config.parallel.layout.data_parallel_size(config.trainer.actor_world_size)
 
 
 def swaps(config: RunConfig) -> bool:

@@ -8,21 +8,24 @@ are no-ops; only ranks and group sizes matter). `tests/convert/test_meta_72b.py`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator
 
 import torch
 
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 
 @contextlib.contextmanager
-def fake_world(tp: int, pp: int, tp_rank: int, pp_rank: int) -> Iterator[None]:
+def fake_world(layout: ShardLayout, tp_rank: int, pp_rank: int) -> Iterator[None]:
     """A fake process group of tp * pp ranks seen from rank (tp_rank, pp_rank), with Megatron's parallel state."""
     from megatron.core import parallel_state as ps
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    tp, pp = layout.tp, layout.pp
     rank = pp_rank * tp + tp_rank  # Megatron's default order: TP varies fastest, PP slowest (no DP here)
-    torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp * pp)
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.model_parallel_size)
     try:
         # No gloo side groups: torch 2.11's fake backend cannot build them (and nothing here uses them).
         ps.initialize_model_parallel(
@@ -35,25 +38,29 @@ def fake_world(tp: int, pp: int, tp_rank: int, pp_rank: int) -> Iterator[None]:
         torch.distributed.destroy_process_group()
 
 
-def meta_chunk(config: QwenVLConfig, tp: int, pp: int, pp_rank: int, **layout):
-    """This rank's chunk of our model on the meta device (call inside `fake_world(tp, pp, ..., pp_rank)`)."""
+def meta_chunk(config: QwenVLConfig, layout: ShardLayout, pp_rank: int):
+    """This rank's chunk of our model on the meta device, a whole pipeline stage (`layout` without virtual stages;
+    call inside `fake_world(layout, ..., pp_rank)`)."""
     from lmmrl_megatron.models.qwen_vl.checkpoint_model import _cuda_device_reads_as_meta
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
 
-    options = QwenVLBuildOptions(
-        tp=tp, pp=pp, dtype="bf16", use_cpu_initialization=True, perform_initialization=False, **layout
-    )
+    assert layout.vpp is None, "a meta chunk is a whole pipeline stage"
+    options = QwenVLBuildOptions(layout=layout, dtype="bf16", use_cpu_initialization=True, perform_initialization=False)
     with _cuda_device_reads_as_meta(), torch.device("meta"):
-        return QwenVLModel(config, options, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
+        return QwenVLModel(
+            config, options, pre_process=layout.is_first_chunk(pp_rank), post_process=layout.is_last_chunk(pp_rank)
+        )
 
 
-def meta_stage_counts(config: QwenVLConfig, tp: int, pp: int, **layout) -> list[dict[str, int]]:
+def meta_stage_counts(config: QwenVLConfig, layout: ShardLayout) -> list[dict[str, int]]:
     """Per pipeline stage, the parameters of its TP rank 0 as built: {"total", "vision"}."""
+    # Whole stages, as `params.stage_params` counts them: a stage's virtual chunks hold its layers together.
+    stages = dataclasses.replace(layout, vpp=None)
     counts = []
-    for pp_rank in range(pp):
-        with fake_world(tp, pp, 0, pp_rank):
-            model = meta_chunk(config, tp, pp, pp_rank, **layout)
+    for pp_rank in range(stages.pp):
+        with fake_world(stages, 0, pp_rank):
+            model = meta_chunk(config, stages, pp_rank)
             vision = model.vision_model
             counts.append({
                 "total": sum(p.numel() for p in model.parameters()),

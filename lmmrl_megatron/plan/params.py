@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmmrl_megatron.convert.mapping import ShardLayout, _layers_per_stage, padded_vocab_size
+from lmmrl_megatron.convert.mapping import padded_vocab_size
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig, kv_replication
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def stage_params(config: QwenVLConfig, layout: ShardLayout) -> list[StageParams]
     layer = decoder_layer_params(config, tp)
     largest = max(vocab, 2 * text.intermediate_size * text.hidden_size)
     stages = []
-    for stage, layers in enumerate(_layers_per_stage(text.num_layers, layout)):
+    for stage, layers in enumerate(layout.layers_per_stage(text.num_layers)):
         first, last = stage == 0, stage == pp - 1
         # Tied at PP=1 the output layer is the embedding itself; at PP>1 the last stage holds a synced copy.
         output = text.hidden_size + (vocab // tp if not (config.tie_word_embeddings and first) else 0) if last else 0

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
+from lmmrl_megatron.parallel.layout import ShardLayout
 from lmmrl_megatron.plan.gpus import GPU, GiB
 from lmmrl_megatron.plan.layout import layout_notes, layout_problems
 from lmmrl_megatron.plan.memory import (
@@ -62,8 +63,6 @@ class Plan:
 
 
 def _whole_model_params(qwen: QwenVLConfig) -> int:
-    from lmmrl_megatron.convert.mapping import ShardLayout
-
     return stage_params(qwen, ShardLayout())[0].total
 
 
@@ -73,15 +72,7 @@ def make_plan(config: RunConfig, gpu: GPU, qwen: QwenVLConfig | None = None) -> 
     plan = Plan(config, qwen, gpu, layout_problems(qwen, config), layout_notes(qwen, config))
     if plan.problems:
         return plan
-    from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
-
-    parallel = config.parallel
-    layout = QwenVLBuildOptions(
-        tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp,
-        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
-    ).shard_layout
-    plan.stages = stage_params(qwen, layout)
+    plan.stages = stage_params(qwen, config.parallel.layout)
     whole = _whole_model_params(qwen)
     plan.memory = [stage_memory(qwen, config, stage, gpu, whole) for stage in plan.stages]
     if config.rollout.backend == "vllm" and config.trainer.num_gpus_per_node > 0:

@@ -35,7 +35,7 @@ def attach_value_head(chunk: torch.nn.Module) -> None:
     language_model = chunk.language_model
     if not language_model.post_process:
         return
-    if language_model.share_embeddings_and_output_weights and chunk.options.pp > 1:
+    if language_model.share_embeddings_and_output_weights and chunk.options.layout.pp > 1:
         raise ValueError("a critic of a tied-embedding model under pipeline parallelism is not supported; set parallel.pp=1")
     hidden = language_model.config.hidden_size
     head = ValueHead(hidden, language_model.config.params_dtype).to(next(chunk.parameters()).device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -92,6 +93,19 @@ def test_run_config_round_trips_through_yaml(tmp_path: Path) -> None:
 def test_run_config_cross_section_check() -> None:
     with pytest.raises(ValueError, match="actor_world_size=3 is not a multiple of parallel.tp"):
         load_config(RunConfig, None, ["parallel.tp=2", "trainer.actor_world_size=3"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("parallel.tp=0", "parallel.tp must be >= 1, got 0"),
+    ("parallel.vpp=2", "parallel.vpp=2 needs vpp >= 2 and pp >= 2 (pp=1)"),
+    ("parallel.sequence_parallel=true", "parallel.sequence_parallel needs tp > 1"),
+])
+def test_parallel_section_is_checked_by_its_layout(override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(RunConfig, None, [override])
+    layout = load_config(RunConfig, None, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                           "trainer.actor_world_size=2"]).parallel.layout
+    assert (layout.tp, layout.pp, layout.sequence_parallel) == (2, 1, True)
 
 
 def test_every_shipped_config_loads() -> None:

@@ -21,10 +21,11 @@ def _build_chunk(hf_dir: str):
 
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
+    from lmmrl_megatron.parallel.layout import ShardLayout
 
+    layout = ShardLayout(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size())
     options = QwenVLBuildOptions(
-        tp=ps.get_tensor_model_parallel_world_size(),
-        pp=ps.get_pipeline_model_parallel_world_size(),
+        layout=layout,
         dtype="fp32",
         use_cpu_initialization=True,
         perform_initialization=False,

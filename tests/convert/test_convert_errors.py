@@ -16,6 +16,7 @@ import pytest
 
 from lmmrl_megatron.convert.pipeline import ConvertOptions, convert_hf_to_mcore, convert_mcore_to_hf
 from lmmrl_megatron.models.registry import family_of_hf_dir
+from lmmrl_megatron.parallel.layout import ShardLayout
 from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
 from tests.convert.qwen_workers import assert_same_state, hf_state
 
@@ -34,10 +35,14 @@ def converted(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_layouts_the_model_cannot_take_are_refused_before_writing(tiny: Path, tmp_path: Path) -> None:
+    def convert(out: str, layout: ShardLayout) -> None:
+        convert_hf_to_mcore(ConvertOptions(src=str(tiny), out=str(tmp_path / out), layout=layout, progress=False),
+                            family_of_hf_dir)
+
     with pytest.raises(ValueError, match="do not split evenly|cannot be split"):
-        convert_hf_to_mcore(ConvertOptions(src=str(tiny), out=str(tmp_path / "a"), pp=3, progress=False), family_of_hf_dir)
+        convert("a", ShardLayout(pp=3))
     with pytest.raises(ValueError, match="num_attention_heads=4 is not a multiple of tp=8"):
-        convert_hf_to_mcore(ConvertOptions(src=str(tiny), out=str(tmp_path / "b"), tp=8, progress=False), family_of_hf_dir)
+        convert("b", ShardLayout(tp=8))
     assert not list(tmp_path.iterdir())
 
 

@@ -29,6 +29,7 @@ import pytest
 from lmmrl_megatron.convert.pipeline import ConvertOptions, convert_hf_to_mcore, convert_mcore_to_hf
 
 from lmmrl_megatron.models.registry import family_of_hf_dir
+from lmmrl_megatron.parallel.layout import ShardLayout
 from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
 from tests.convert.qwen_workers import assert_same_state, hf_state, last_stage_outputs, load_export_forward_save
@@ -67,7 +68,8 @@ def _run_link(
 def test_roundtrip_is_bit_exact_and_layouts_agree(tmp_path: Path, arch: str) -> None:
     hf = make_tiny_checkpoint(arch, tmp_path / "hf")
     want = hf_state(hf)
-    options = ConvertOptions(src=str(hf), out=str(tmp_path / "converted"), tp=2, pp=2, progress=False)
+    options = ConvertOptions(src=str(hf), out=str(tmp_path / "converted"), layout=ShardLayout(tp=2, pp=2),
+                             progress=False)
     converted = convert_hf_to_mcore(options, family_of_hf_dir)
     load_from, reference = str(converted), None
     for tp, pp in [(2, 2), (1, 1), (2, 1), (1, 2)]:
@@ -86,7 +88,7 @@ def test_odd_shapes_roundtrip(tmp_path: Path, arch: str) -> None:
     hf = make_tiny_checkpoint(arch, tmp_path / "hf", overrides=ODD_SHAPES)
     want = hf_state(hf)
     assert "lm_head.weight" not in want and want["model.embed_tokens.weight"].shape[0] == 500
-    options = ConvertOptions(src=str(hf), out=str(tmp_path / "converted"), pp=2, progress=False)
+    options = ConvertOptions(src=str(hf), out=str(tmp_path / "converted"), layout=ShardLayout(pp=2), progress=False)
     converted = convert_hf_to_mcore(options, family_of_hf_dir)
     outputs = _run_link(hf, 1, 2, str(converted), tmp_path / "saved-pp2", want)
     # TP=2 with one KV head: each rank holds a copy of it; the export must give the single head back.

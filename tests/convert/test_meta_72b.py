@@ -20,14 +20,12 @@ from lmmrl_megatron.convert.hf_io import TensorSpec, expected_hf_specs
 from lmmrl_megatron.convert.mapping import hf_to_mcore_shard, mcore_shards_to_hf
 from lmmrl_megatron.models.qwen_vl.checkpoint_model import build_meta_model
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
+from lmmrl_megatron.parallel.layout import ShardLayout
 from lmmrl_megatron.plan.meta import fake_world, meta_chunk
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 TP, PP = 8, 4
-
-
-def _meta_chunk(config: QwenVLConfig, pp_rank: int):
-    return meta_chunk(config, TP, PP, pp_rank)
+LAYOUT = ShardLayout(tp=TP, pp=PP)
 
 
 def _check_chunk(model, hf_specs: dict[str, TensorSpec], tp_rank: int) -> set[str]:
@@ -67,15 +65,15 @@ def test_72b_at_tp8_pp4_maps_exactly_on_meta(name: str) -> None:
     hf_specs = expected_hf_specs(config_dir)
     assert sum(torch.Size(s.shape).numel() for s in hf_specs.values()) > 70e9  # really the 72B shapes
     config = QwenVLConfig.from_hf_dir(config_dir)
-    with fake_world(1, 1, 0, 0):
+    with fake_world(ShardLayout(), 0, 0):
         converter_template = template_from_sharded_state_dict(build_meta_model(config, "bf16").sharded_state_dict())
         converter_shapes = _global_shapes(converter_template)
     used: set[str] = set()
     stage_keys: set[str] = set()
     for pp_rank in range(PP):
         for tp_rank in (0, TP - 1):
-            with fake_world(TP, PP, tp_rank, pp_rank):
-                model = _meta_chunk(config, pp_rank)
+            with fake_world(LAYOUT, tp_rank, pp_rank):
+                model = meta_chunk(config, LAYOUT, pp_rank)
                 used |= _check_chunk(model, hf_specs, tp_rank)
                 chunk_shapes = _global_shapes(template_from_sharded_state_dict(model.sharded_state_dict()))
             for key, (shape, vocab_padded) in chunk_shapes.items():

@@ -40,12 +40,13 @@ def fused_against_unfused(hf_dir: str, recompute: str) -> bytes:
     from lmmrl_megatron.models.qwen_vl import fused
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
     from lmmrl_megatron.models.qwen_vl.parity import build_chunk, to_bytes
+    from lmmrl_megatron.parallel.layout import ShardLayout
 
     tp = ps.get_tensor_model_parallel_world_size()
     results: dict[str, dict] = {}
     for fused_kernels in (False, True):
-        options = QwenVLBuildOptions(tp=tp, dtype="fp32", use_cpu_initialization=True, recompute=recompute,
-                                     fused_kernels=fused_kernels)
+        options = QwenVLBuildOptions(layout=ShardLayout(tp=tp), dtype="fp32", use_cpu_initialization=True,
+                                     recompute=recompute, fused_kernels=fused_kernels)
         model = build_chunk(hf_dir, options)
         layer = model.language_model.decoder.layers[0]
         kinds = (isinstance(layer.self_attention, fused.FusedRopeSelfAttention),

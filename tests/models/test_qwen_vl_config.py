@@ -12,6 +12,7 @@ from lmmrl_megatron.models.qwen_vl.config import (
     decoder_transformer_config,
     kv_replication,
 )
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 # The hub's flat layout, as Qwen/Qwen2.5-VL-7B-Instruct ships it.
 QWEN25_VL_7B = {
@@ -62,15 +63,16 @@ def test_real_sizes() -> None:
     assert (config.text.head_dim, config.text.num_layers, config.tie_word_embeddings) == (128, 28, False)
     assert config.vision.out_hidden_size == 3584 and config.vision.fullatt_block_indexes == [7, 15, 23, 31]
     assert config.rope_index_config.tokens_per_second == 2
-    decoder = decoder_transformer_config(config, QwenVLBuildOptions(tp=4, dtype="bf16"))
+    decoder = decoder_transformer_config(config, QwenVLBuildOptions(layout=ShardLayout(tp=4), dtype="bf16"))
     assert (decoder.num_query_groups, decoder.kv_channels, decoder.ffn_hidden_size) == (4, 128, 18944)
     assert decoder.add_qkv_bias and not decoder.add_bias_linear and decoder.gated_linear_unit
     assert decoder.mrope_section == [16, 24, 24] and decoder.normalization == "RMSNorm"
-    assert QwenVLBuildOptions(tp=8).padded_vocab_size(152064) == 152576  # next multiple of 128 * 8
+    assert QwenVLBuildOptions(layout=ShardLayout(tp=8)).padded_vocab_size(152064) == 152576  # next multiple of 128 * 8
     small = QwenVLConfig.from_hf_dict(QWEN2_VL_2B)
     assert small.tie_word_embeddings and small.rope_index_config.tokens_per_second is None
     assert small.vision.hidden_size == 1280 and small.vision.out_hidden_size == 1536
-    assert decoder_transformer_config(small, QwenVLBuildOptions(tp=4)).num_query_groups == 4  # 2 KV heads, twice
+    tp4 = QwenVLBuildOptions(layout=ShardLayout(tp=4))
+    assert decoder_transformer_config(small, tp4).num_query_groups == 4  # 2 KV heads, twice
 
 
 def test_kv_replication() -> None:
@@ -106,11 +108,7 @@ def test_bad_configs_name_the_key(edit, message: str) -> None:
         QwenVLConfig.from_hf_dict(raw, source="ckpt/config.json")
 
 
-def test_build_options_validate() -> None:
-    with pytest.raises(ValueError, match="sequence_parallel needs tp > 1"):
-        QwenVLBuildOptions(sequence_parallel=True)
-    with pytest.raises(ValueError, match="vpp=2 needs"):
-        QwenVLBuildOptions(vpp=2)
+def test_decoder_config_refuses_heads_tp_cannot_split() -> None:
     config = QwenVLConfig.from_hf_dict(QWEN25_VL_7B)
     with pytest.raises(ValueError, match="num_attention_heads=28 is not a multiple of tp=8"):
-        decoder_transformer_config(config, QwenVLBuildOptions(tp=8))
+        decoder_transformer_config(config, QwenVLBuildOptions(layout=ShardLayout(tp=8)))

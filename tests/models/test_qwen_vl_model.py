@@ -122,13 +122,14 @@ def check_layout(variants: list[tuple[str, str, ParityBatch]]) -> bytes:
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
     from lmmrl_megatron.models.qwen_vl.logprobs import gather_vocab_parallel_logits
     from lmmrl_megatron.models.qwen_vl.parity import batch_on, build_chunk, run_pipeline, to_bytes
+    from lmmrl_megatron.parallel.layout import ShardLayout
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     results: list[dict | None] = []
     for name, hf_dir, batch in variants:
         uneven = 1 if (pp == 2 and name.endswith("-odd")) else None
-        options = QwenVLBuildOptions(tp=tp, pp=pp, dtype="fp32", use_cpu_initialization=True,
-                                     num_layers_in_first_pipeline_stage=uneven)
+        layout = ShardLayout(tp=tp, pp=pp, num_layers_in_first_pipeline_stage=uneven)
+        options = QwenVLBuildOptions(layout=layout, dtype="fp32", use_cpu_initialization=True)
         model = build_chunk(hf_dir, options)
         inputs = batch_on(batch, "cpu")
         result: dict = {"stage": ps.get_pipeline_model_parallel_rank(), "layers": list(model.layer_range)}
@@ -190,15 +191,17 @@ def check_sequence_parallel_and_recompute(hf_dir: str, batch: ParityBatch) -> by
 
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
     from lmmrl_megatron.models.qwen_vl.parity import batch_on, build_chunk, run_pipeline, to_bytes
+    from lmmrl_megatron.parallel.layout import ShardLayout
 
     tp = ps.get_tensor_model_parallel_world_size()
     inputs = batch_on(batch, "cpu")
-    sequence_parallel = build_chunk(hf_dir, QwenVLBuildOptions(tp=tp, dtype="fp32", sequence_parallel=True,
-                                                               use_cpu_initialization=True))
+    sequence_parallel = build_chunk(hf_dir, QwenVLBuildOptions(layout=ShardLayout(tp=tp, sequence_parallel=True),
+                                                               dtype="fp32", use_cpu_initialization=True))
     sequence_parallel.eval()
     with torch.no_grad():
         sp_out = run_pipeline(sequence_parallel, inputs, forward_only=True, packed=True)
-    recompute = build_chunk(hf_dir, QwenVLBuildOptions(tp=tp, dtype="fp32", recompute="full", use_cpu_initialization=True))
+    recompute = build_chunk(hf_dir, QwenVLBuildOptions(layout=ShardLayout(tp=tp), dtype="fp32", recompute="full",
+                                                       use_cpu_initialization=True))
     recompute.train()
     out = run_pipeline(recompute, inputs, forward_only=False, packed=True)
     grads, replicas_agree = _gather_grads(recompute)
@@ -241,9 +244,10 @@ def check_virtual_pipeline(hf_dir: str, batch: ParityBatch) -> bytes:
     from lmmrl_megatron.models.qwen_vl.loading import load_hf_checkpoint
     from lmmrl_megatron.models.qwen_vl.model import build_model_chunks
     from lmmrl_megatron.models.qwen_vl.parity import run_pipeline, split_micro_batches, to_bytes
+    from lmmrl_megatron.parallel.layout import ShardLayout
 
     config = QwenVLConfig.from_hf_dir(hf_dir)
-    options = QwenVLBuildOptions(pp=2, vpp=2, dtype="fp32", use_cpu_initialization=True)
+    options = QwenVLBuildOptions(layout=ShardLayout(pp=2, vpp=2), dtype="fp32", use_cpu_initialization=True)
     chunks = build_model_chunks(config, options)
     for chunk in chunks:
         load_hf_checkpoint(chunk, hf_dir)

@@ -30,9 +30,9 @@ def measure(recompute: str) -> dict[str, int]:
     from megatron.core import tensor_parallel
 
     from lmmrl_megatron.config import RunConfig, load_config
-    from lmmrl_megatron.convert.mapping import ShardLayout
     from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
     from lmmrl_megatron.parallel.cpu_backend import install_cpu_backend
+    from lmmrl_megatron.parallel.layout import ShardLayout
     from lmmrl_megatron.plan.memory import train_activations
     from lmmrl_megatron.plan.params import stage_params
     from lmmrl_megatron.models.qwen_vl.policy import build_chunks

@@ -110,14 +110,14 @@ def test_engines_beyond_the_colocated_gpus_are_a_placement_problem() -> None:
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl_72b", "qwen2_vl_72b"])
 def test_parameter_counts_match_the_meta_device_build(name: str) -> None:
-    from lmmrl_megatron.convert.mapping import ShardLayout
+    from lmmrl_megatron.parallel.layout import ShardLayout
     from lmmrl_megatron.plan.meta import meta_stage_counts
     from lmmrl_megatron.plan.params import stage_params
 
     qwen = QwenVLConfig.from_hf_dir(MODELS / name)
-    layout = dict(num_layers_in_first_pipeline_stage=18, num_layers_in_last_pipeline_stage=22)
-    built = meta_stage_counts(qwen, 8, 4, **layout)
-    planned = stage_params(qwen, ShardLayout(tp=8, pp=4, **layout))
+    layout = ShardLayout(tp=8, pp=4, num_layers_in_first_pipeline_stage=18, num_layers_in_last_pipeline_stage=22)
+    built = meta_stage_counts(qwen, layout)
+    planned = stage_params(qwen, layout)
     assert [(s.total, s.vision) for s in planned] == [(c["total"], c["vision"]) for c in built]
     assert sum(s.total for s in stage_params(qwen, ShardLayout())) > 72e9
 

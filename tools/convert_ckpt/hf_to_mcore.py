@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from lmmrl_megatron.convert.pipeline import ConvertOptions, convert_hf_to_mcore  # noqa: E402
 from lmmrl_megatron.models.registry import family_of_hf_dir  # noqa: E402
+from lmmrl_megatron.parallel.layout import ShardLayout  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = convert_hf_to_mcore(
-            ConvertOptions(src=args.hf, out=args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite,
-                           progress=not args.no_progress),
+            ConvertOptions(src=args.hf, out=args.out, layout=ShardLayout(tp=args.tp, pp=args.pp),
+                           overwrite=args.overwrite, progress=not args.no_progress),
             family_of_hf_dir,
         )
     except ValueError as exc:

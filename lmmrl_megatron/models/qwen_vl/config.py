@@ -1,7 +1,7 @@
 """Typed Qwen2-VL / Qwen2.5-VL configuration read from a Hugging Face `config.json`, and the Megatron configs it gives.
 
     config = QwenVLConfig.from_hf_dir("/ckpt/Qwen2.5-VL-7B-Instruct")
-    options = QwenVLBuildOptions(tp=4, pp=2, dtype="bf16")
+    options = QwenVLBuildOptions(layout=ShardLayout(tp=4, pp=2), dtype="bf16")
     decoder_config = decoder_transformer_config(config, options)   # a Megatron-Core TransformerConfig
 
 Both config layouts are read: the hub's flat one (text fields at the top level, `rope_scaling: {type: mrope,
@@ -26,9 +26,10 @@ from typing import Any, Literal
 
 import torch
 
-from lmmrl_megatron.convert.mapping import ShardLayout, padded_vocab_size
+from lmmrl_megatron.convert.mapping import padded_vocab_size
 from lmmrl_megatron.models.qwen_vl.rope_index import RopeIndexConfig
 from lmmrl_megatron.models.qwen_vl.vision_config import VisionEncoderConfig
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 Arch = Literal["qwen2_vl", "qwen2_5_vl"]
 ARCHS: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
@@ -200,12 +201,7 @@ def _text_config(raw: dict[str, Any], source: str) -> TextConfig:
 class QwenVLBuildOptions:
     """How to build the Megatron model: parallel layout, precision, layer implementation, recompute."""
 
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None
-    sequence_parallel: bool = False
-    num_layers_in_first_pipeline_stage: int | None = None
-    num_layers_in_last_pipeline_stage: int | None = None
+    layout: ShardLayout = field(default_factory=ShardLayout)
     dtype: DType = "bf16"
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     recompute: Literal["none", "selective", "full"] = "none"
@@ -216,12 +212,6 @@ class QwenVLBuildOptions:
     perform_initialization: bool = True  # False when weights are loaded right after building
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
-        if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
-            raise ValueError(f"vpp={self.vpp} needs vpp >= 2 and pp >= 2 (pp={self.pp})")
-        if self.sequence_parallel and self.tp == 1:
-            raise ValueError("sequence_parallel needs tp > 1")
         if self.make_vocab_size_divisible_by < 1:
             raise ValueError(f"make_vocab_size_divisible_by must be >= 1, got {self.make_vocab_size_divisible_by}")
 
@@ -229,18 +219,8 @@ class QwenVLBuildOptions:
     def torch_dtype(self) -> torch.dtype:
         return TORCH_DTYPES[self.dtype]
 
-    @property
-    def shard_layout(self) -> ShardLayout:
-        return ShardLayout(
-            tp=self.tp,
-            pp=self.pp,
-            vpp=self.vpp,
-            num_layers_in_first_pipeline_stage=self.num_layers_in_first_pipeline_stage,
-            num_layers_in_last_pipeline_stage=self.num_layers_in_last_pipeline_stage,
-        )
-
     def padded_vocab_size(self, vocab_size: int) -> int:
-        return padded_vocab_size(vocab_size, self.tp, self.make_vocab_size_divisible_by)
+        return padded_vocab_size(vocab_size, self.layout.tp, self.make_vocab_size_divisible_by)
 
 
 def kv_replication(num_key_value_heads: int, tp: int) -> int:
@@ -265,10 +245,10 @@ def decoder_transformer_config(config: QwenVLConfig, options: QwenVLBuildOptions
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    text = config.text
-    if text.num_attention_heads % options.tp:
-        raise ValueError(f"num_attention_heads={text.num_attention_heads} is not a multiple of tp={options.tp}")
-    replication = kv_replication(text.num_key_value_heads, options.tp)
+    text, layout = config.text, options.layout
+    if text.num_attention_heads % layout.tp:
+        raise ValueError(f"num_attention_heads={text.num_attention_heads} is not a multiple of tp={layout.tp}")
+    replication = kv_replication(text.num_key_value_heads, layout.tp)
     dtype = options.torch_dtype
     recompute: dict[str, Any] = {}
     if options.recompute == "selective":
@@ -292,12 +272,12 @@ def decoder_transformer_config(config: QwenVLConfig, options: QwenVLBuildOptions
         attention_dropout=0.0,
         init_method_std=text.initializer_range,
         mrope_section=list(text.mrope_section),
-        tensor_model_parallel_size=options.tp,
-        pipeline_model_parallel_size=options.pp,
-        virtual_pipeline_model_parallel_size=options.vpp,
-        num_layers_in_first_pipeline_stage=options.num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=options.num_layers_in_last_pipeline_stage,
-        sequence_parallel=options.sequence_parallel,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        num_layers_in_first_pipeline_stage=layout.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=layout.num_layers_in_last_pipeline_stage,
+        sequence_parallel=layout.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

@@ -11,20 +11,20 @@ from typing import Any
 import torch
 
 from lmmrl_megatron.convert.hf_io import canonical_hf_name
-from lmmrl_megatron.convert.mapping import decoder_layer_range
 from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig, decoder_transformer_config
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 
-def check_layout(config: QwenVLConfig, tp: int, pp: int) -> None:
-    """Refuse a TP/PP layout the model cannot be cut into, naming why.
+def check_layout(config: QwenVLConfig, layout: ShardLayout) -> None:
+    """Refuse a layout the model cannot be cut into, naming why.
 
     KV heads fewer than TP ranks are fine: the model replicates them but stores them once (`kv_checkpoint.py`), so
     a checkpoint of global, unreplicated tensors loads at such a layout too.
     """
-    options = QwenVLBuildOptions(tp=tp, pp=pp, dtype="fp32")
-    decoder_transformer_config(config, options)  # heads / KV heads against tp
-    for stage in range(pp):
-        decoder_layer_range(config.text.num_layers, options.shard_layout, stage)
+    decoder_transformer_config(config, QwenVLBuildOptions(layout=layout, dtype="fp32"))  # heads / KV heads against tp
+    for stage in range(layout.pp):
+        for vp_stage in layout.vp_stages:
+            layout.decoder_layer_range(config.text.num_layers, stage, vp_stage)
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class QwenVLFamily:
     def read_config(self, hf_dir: str | Path) -> QwenVLConfig:
         return QwenVLConfig.from_hf_dir(hf_dir)
 
-    def check_layout(self, config: QwenVLConfig, tp: int, pp: int) -> None:
-        check_layout(config, tp, pp)
+    def check_layout(self, config: QwenVLConfig, layout: ShardLayout) -> None:
+        check_layout(config, layout)
 
     def canonical_hf_name(self, name: str) -> str:
         return canonical_hf_name(name)

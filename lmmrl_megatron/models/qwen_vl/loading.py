@@ -36,7 +36,7 @@ def chunk_mapped_params(model: QwenVLModel) -> list[tuple[str, MappedParam]]:
     """(local parameter name, mapped parameter) for every parameter of this chunk, in mapping order."""
     params = qwen_vl_chunk_params(
         model.qwen_config,
-        model.options.shard_layout,
+        model.options.layout,
         parallel_state.get_pipeline_model_parallel_rank(),
         model.vp_stage,
         model.options.transformer_impl,

@@ -36,13 +36,13 @@ from lmmrl_megatron.convert.mapping import (
     PaddedSplit,
     PaddedVocab,
     ParamRule,
-    ShardLayout,
     Transform,
     chunk_params,
     expand_rules,
 )
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
 from lmmrl_megatron.models.qwen_vl.vision_config import VisionEncoderConfig
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 TransformerImpl = Literal["local", "transformer_engine"]
 

@@ -33,7 +33,6 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
-from lmmrl_megatron.convert.mapping import decoder_layer_range
 from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig, decoder_transformer_config
 from lmmrl_megatron.models.qwen_vl.kv_checkpoint import store_kv_heads_unreplicated
 from lmmrl_megatron.models.qwen_vl.kv_replicas import attach_kv_replica_grad_sync
@@ -77,7 +76,7 @@ class QwenVLModel(MegatronModule):
         self.padded_vocab_size = options.padded_vocab_size(config.text.vocab_size)
 
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        self.layer_range = decoder_layer_range(config.text.num_layers, options.shard_layout, pp_rank, vp_stage)
+        self.layer_range = options.layout.decoder_layer_range(config.text.num_layers, pp_rank, vp_stage)
         self.language_model = GPTModel(
             config=decoder_config,
             transformer_layer_spec=decoder_block_spec(
@@ -109,7 +108,7 @@ class QwenVLModel(MegatronModule):
 
     def _attach_kv_grad_sync(self, decoder_config) -> None:
         text = self.qwen_config.text
-        if text.num_key_value_heads >= self.options.tp:
+        if text.num_key_value_heads >= self.options.layout.tp:
             return
         if decoder_config.gradient_accumulation_fusion:
             raise ValueError("replicated KV heads (num_key_value_heads < tp) need gradient_accumulation_fusion off")
@@ -132,7 +131,7 @@ class QwenVLModel(MegatronModule):
         checkpoint then has the same tensors at every TP size."""
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        return store_kv_heads_unreplicated(state, self.qwen_config.text, tp_rank, self.options.tp)
+        return store_kv_heads_unreplicated(state, self.qwen_config.text, tp_rank, self.options.layout.tp)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -165,17 +164,18 @@ class QwenVLModel(MegatronModule):
         seq_params: PackedSeqParams | None = None
         decoder_ids, decoder_positions, decoder_labels, mask = input_ids, position_ids, labels, None
         te = self.options.transformer_impl == "transformer_engine"
+        layout = self.options.layout
         if packed:
             if te:
                 raise ValueError("packed=True needs transformer_impl='local' (its 'sbhd' packed format is ours)")
-            multiple = self.options.tp if self.options.sequence_parallel else 1
+            multiple = layout.tp if layout.sequence_parallel else 1
             packed_batch = pack_padded_batch(input_ids, attention_mask, position_ids, labels, multiple)
             decoder_ids, decoder_positions = packed_batch.input_ids, packed_batch.position_ids
             decoder_labels, seq_params = packed_batch.labels, packed_batch.params
         else:
-            if self.options.sequence_parallel and input_ids.shape[1] % self.options.tp:
+            if layout.sequence_parallel and input_ids.shape[1] % layout.tp:
                 raise ValueError(
-                    f"sequence_parallel splits the sequence over tp={self.options.tp} ranks: the padded length "
+                    f"sequence_parallel splits the sequence over tp={layout.tp} ranks: the padded length "
                     f"{input_ids.shape[1]} must be a multiple of it (or pass packed=True, which pads by itself)"
                 )
             mask = _key_padding_mask(attention_mask, input_ids, always=te)
@@ -258,12 +258,12 @@ class QwenVLModel(MegatronModule):
 
 
 def build_model_chunks(config: QwenVLConfig, options: QwenVLBuildOptions) -> list[QwenVLModel]:
-    """This rank's model chunks (one, or `options.vpp` for the interleaved schedule), in virtual-stage order.
+    """This rank's model chunks (one, or `options.layout.vpp` for the interleaved schedule), in virtual-stage order.
 
     The vision tower and embedding go to chunk 0 of pipeline rank 0, the output layer to the last chunk of the last
     rank. Call after Megatron's parallel state is initialised with the same tp / pp / vpp.
     """
-    layout = options.shard_layout
+    layout = options.layout
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     return [
         QwenVLModel(
@@ -273,7 +273,7 @@ def build_model_chunks(config: QwenVLConfig, options: QwenVLBuildOptions) -> lis
             post_process=layout.is_last_chunk(pp_rank, vp_stage),
             vp_stage=vp_stage,
         )
-        for vp_stage in (range(options.vpp) if options.vpp else [None])
+        for vp_stage in layout.vp_stages
     ]
 
 

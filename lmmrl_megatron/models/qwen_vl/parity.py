@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lmmrl_megatron.models.qwen_vl.config import TORCH_DTYPES, QwenVLBuildOptions, QwenVLConfig
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 # Largest accepted absolute differences per dtype (logits, log-probs). bf16 rounds every matmul input to 8 bits of
 # mantissa and the two implementations order their reductions differently, so its bounds are loose; a mapping or
@@ -232,9 +233,9 @@ def megatron_forward(hf_dir: str, batch: ParityBatch, dtype: str = "fp32", packe
     from lmmrl_megatron.models.qwen_vl.logprobs import gather_vocab_parallel_logits
 
     exact_fp32(dtype)
+    layout = ShardLayout(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size())
     options = QwenVLBuildOptions(
-        tp=ps.get_tensor_model_parallel_world_size(),
-        pp=ps.get_pipeline_model_parallel_world_size(),
+        layout=layout,
         dtype=dtype,
         use_cpu_initialization=device == "cpu",
         perform_initialization=False,

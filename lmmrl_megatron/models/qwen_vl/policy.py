@@ -2,7 +2,8 @@
 the forward the training engine calls on them. The trainer reaches both through the family (`family.py`).
 
 `model` and `parallel` are the run config's `ModelConfig` and `ParallelConfig` (config/sections.py), read by their
-fields: models/ does not import config/ (which reaches the rollout backends, which read model configs).
+fields and `parallel.layout`: models/ does not import config/ (which reaches the rollout backends, which read model
+configs).
 """
 
 from __future__ import annotations
@@ -31,30 +32,24 @@ def build_chunks(qwen_config, model: Any, parallel: Any, use_gpu: bool, load: bo
     from lmmrl_megatron.models.qwen_vl.loading import load_hf_checkpoint
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
 
+    layout = parallel.layout
     options = QwenVLBuildOptions(
-        tp=parallel.tp,
-        pp=parallel.pp,
-        vpp=parallel.vpp,
-        sequence_parallel=parallel.sequence_parallel,
-        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
+        layout=layout,
         dtype=model.dtype,
         transformer_impl=model.transformer_impl,
         recompute=model.recompute,
         use_cpu_initialization=not use_gpu,
         perform_initialization=not load,  # loaded weights are overwritten right after
     )
-    layout = options.shard_layout
     pp_rank = ps.get_pipeline_model_parallel_rank()
     chunks = []
-    for vp_stage in range(parallel.vpp or 1):
-        stage = vp_stage if parallel.vpp else None
+    for vp_stage in layout.vp_stages:
         chunk = QwenVLModel(
             qwen_config,
             options,
-            pre_process=layout.is_first_chunk(pp_rank, stage),
-            post_process=layout.is_last_chunk(pp_rank, stage),
-            vp_stage=stage,
+            pre_process=layout.is_first_chunk(pp_rank, vp_stage),
+            post_process=layout.is_last_chunk(pp_rank, vp_stage),
+            vp_stage=vp_stage,
         )
         if use_gpu:
             chunk = chunk.cuda(torch.cuda.current_device())
