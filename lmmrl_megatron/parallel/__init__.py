@@ -1,1 +1,1 @@
-"""Process groups and platform backends for Megatron-Core."""
+"""Process groups, platform backends and vocabulary-parallel log-probs for Megatron-Core."""
