@@ -74,7 +74,8 @@ def excluded_reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = logits.clone().requires_grad_()
     kept = [c for c in range(REAL_VOCAB) if c not in EXCLUDED]
     logp_kept = torch.log_softmax(logits[..., kept], dim=-1)
-    logp = logp_kept.gather(-1, torch.searchsorted(torch.tensor(kept), _without_excluded(labels)).unsqueeze(-1)).squeeze(-1)
+    kept_index = torch.searchsorted(torch.tensor(kept), _without_excluded(labels))
+    logp = logp_kept.gather(-1, kept_index.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_kept.exp() * logp_kept).sum(-1)
     ((logp * w_lp).sum() + (entropy * w_ent).sum()).backward()
     return logp.detach(), entropy.detach(), logits.grad

@@ -11,8 +11,9 @@ Megatron's pipeline schedule (`set_input_tensor`). Every chunk needs `input_ids`
 rotary positions are computed from them when `position_ids` is not given.
 
 The decoder is Megatron's `GPTModel` (`position_embedding_type="mrope"`) with the layer specs of `spec.py`; the
-vocabulary is padded for TP and the padded columns are masked in the log-probs (`parallel/vocab_parallel.py`); tied embeddings follow Megatron's
-shared-embedding mechanics (the last stage holds a copy, kept equal by the embedding-group gradient all-reduce);
+vocabulary is padded for TP and the padded columns are masked in the log-probs (`parallel/vocab_parallel.py`);
+tied embeddings follow Megatron's shared-embedding mechanics (the last stage holds a copy, kept equal by the
+embedding-group gradient all-reduce);
 KV heads fewer than TP ranks are replicated with their gradients summed (`kv_replicas.py`) and stored once in
 checkpoints (`kv_checkpoint.py`).
 
@@ -246,7 +247,10 @@ class QwenVLModel(MegatronModule):
         log_probs = None
         if labels is not None:
             tp_group = parallel_state.get_tensor_model_parallel_group()
-            log_probs, _ = vocab_parallel_log_probs(logits, labels, self.vocab_size, tp_group, keep_logits=return_logits)
+            # keep_logits=False when they are not returned: fp32 logits are then worked on in place
+            log_probs, _ = vocab_parallel_log_probs(
+                logits, labels, self.vocab_size, tp_group, keep_logits=return_logits
+            )
         if packed_batch is not None:
             if log_probs is not None:
                 log_probs = unpack_to_padded(log_probs, packed_batch)
