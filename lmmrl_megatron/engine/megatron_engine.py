@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from lmmrl_megatron.config.sections import OptimizerConfig
-from lmmrl_megatron.engine.logprobs import vocab_parallel_logprobs
 from lmmrl_megatron.engine.lr_schedule import set_optimizer_hyperparams
 from lmmrl_megatron.engine.micro_batch import MicroBatch
 from lmmrl_megatron.engine.swap import DEFAULT_CHUNK_BYTES, HostSwap, SwapStats, optimizer_state_tensors
+from lmmrl_megatron.parallel.vocab_parallel import vocab_parallel_log_probs
 
 
 class ForwardFn(Protocol):
@@ -96,7 +96,6 @@ class MegatronEngine:
         self._offloaded = False
         self._swap: HostSwap | None = None  # built at the first offload, on the weights' device
         self.swap_chunk_bytes = swap_chunk_bytes
-        self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.dp_size = ps.get_data_parallel_world_size()
         self.is_last_stage = ps.is_pipeline_last_stage()
@@ -170,9 +169,10 @@ class MegatronEngine:
     def _token_stats(self, output: Tensor, micro_batch: MicroBatch) -> tuple[Tensor, Tensor | None]:
         if self.head == "values":
             return output.squeeze(-1).float(), None
-        return vocab_parallel_logprobs(
-            output, micro_batch.labels, self.num_real_vocab, self.tp_rank, self.tp_group, self.temperature,
-            self.excluded_token_ids,
+        # keep_logits=False: the schedule reads the logits no further, so fp32 logits are worked on in place
+        return vocab_parallel_log_probs(
+            output, micro_batch.labels, self.num_real_vocab, self.tp_group, self.temperature,
+            self.excluded_token_ids, with_entropy=True, keep_logits=False,
         )
 
     def _run(self, micro_batches: list[MicroBatch], loss_fn: LossFn | None, forward_only: bool) -> list[dict]:

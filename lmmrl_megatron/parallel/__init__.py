@@ -1,1 +1,2 @@
-"""The parallel layout (`layout.py`), and process groups and platform backends for Megatron-Core."""
+"""The parallel layout (`layout.py`), vocabulary-parallel log-probs (`vocab_parallel.py`), and process groups and
+platform backends for Megatron-Core."""

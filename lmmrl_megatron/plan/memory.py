@@ -23,10 +23,10 @@ Terms (bytes per parameter of this rank; `params.py` counts the parameters):
                  (h-terms / TP under sequence parallelism, d-terms per token, the rest / TP); the final norm 8h on
                  the last stage; full recompute keeps the 2h layer input per layer plus one layer's worth; 1F1B
                  keeps (pp - stage) micro-batches in flight on a stage
-    logits       fp32 log-softmax over this rank's vocabulary slice (`engine/logprobs.py`): 25 bytes per token and
-                 vocabulary column at the forward peak (bf16 logits, masked copy, fp32 copy, shifted, exp,
-                 products), 31 in backward (saved probs + shifted and the gradient's temporaries); measured on
-                 CPU by peak RSS at 512 x 152064
+    logits       fp32 log-softmax over this rank's vocabulary slice (`parallel/vocab_parallel.py`): 10 bytes per
+                 token and vocabulary column at the forward peak (bf16 logits, the fp32 working copy, exp), 10 in
+                 backward (bf16 logits, saved log p, p); measured by `bench/logprob_memory.py` (CPU peak RSS at
+                 256 x 151936; it gave 25 and 31 for the implementation before, as `bench/plan_check.py` on an H200)
     adam temp    4 per trainable parameter / DP: torch's foreach Adam's sqrt(v) temporaries at the step
     buckets      buckets in flight (2 with cuda_ipc) x weight_sync_bucket_mb (or the largest parameter when larger:
                  the export packs whole parameters), at most the whole model; under TP > 1 also the gathered
@@ -53,7 +53,7 @@ PHASES = ("generate", "logprob", "train", "sync")
 CUDA_CONTEXT = int(0.75 * GiB)
 VLLM_ASLEEP = int(1.0 * GiB)
 VLLM_RESERVE = int(2.5 * GiB)  # vLLM's profiled activation peak and non-torch memory inside its budget
-LOGITS_FWD_BYTES, LOGITS_BWD_BYTES = 25, 31
+LOGITS_FWD_BYTES, LOGITS_BWD_BYTES = 10, 10
 # Terms PyTorch's caching allocator of the trainer process holds (torch.cuda.max_memory_allocated sees these).
 ALLOCATOR_TERMS = ("weights", "grads", "optimizer", "activations", "logits", "adam temp", "buckets")
 

@@ -59,7 +59,7 @@ def _export(model, hf_dir: str) -> dict[str, np.ndarray]:
 def _log_probs_and_logits(model, hf_dir: str) -> dict[str, np.ndarray] | None:
     from megatron.core import parallel_state as ps
 
-    from lmmrl_megatron.models.qwen_vl.logprobs import gather_vocab_parallel_logits
+    from lmmrl_megatron.parallel.vocab_parallel import gather_vocab_parallel_logits
     from lmmrl_megatron.models.qwen_vl.parity import batch_on, build_parity_batch, run_pipeline
 
     model.eval()
@@ -67,7 +67,7 @@ def _log_probs_and_logits(model, hf_dir: str) -> dict[str, np.ndarray] | None:
         out = run_pipeline(model, batch_on(build_parity_batch(hf_dir), "cpu"), forward_only=True, packed=False)
     if out is None:
         return None
-    logits = gather_vocab_parallel_logits(out.logits, model.vocab_size)
+    logits = gather_vocab_parallel_logits(out.logits, model.vocab_size, ps.get_tensor_model_parallel_group())
     if ps.get_tensor_model_parallel_rank() != 0:
         return None
     return {"logits": logits.float().numpy(), "log_probs": out.log_probs.float().numpy()}

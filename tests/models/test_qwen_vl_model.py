@@ -120,7 +120,7 @@ def check_layout(variants: list[tuple[str, str, ParityBatch]]) -> bytes:
     from megatron.core import parallel_state as ps
 
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
-    from lmmrl_megatron.models.qwen_vl.logprobs import gather_vocab_parallel_logits
+    from lmmrl_megatron.parallel.vocab_parallel import gather_vocab_parallel_logits
     from lmmrl_megatron.models.qwen_vl.parity import batch_on, build_chunk, run_pipeline, to_bytes
     from lmmrl_megatron.parallel.layout import ShardLayout
 
@@ -138,7 +138,7 @@ def check_layout(variants: list[tuple[str, str, ParityBatch]]) -> bytes:
             padded = run_pipeline(model, inputs, forward_only=True, packed=False)
             packed = run_pipeline(model, inputs, forward_only=True, packed=True)
         if padded is not None:
-            result["logits"] = gather_vocab_parallel_logits(padded.logits, model.vocab_size)
+            result["logits"] = gather_vocab_parallel_logits(padded.logits, model.vocab_size, ps.get_tensor_model_parallel_group())
             result["log_probs"] = padded.log_probs
             result["packed_log_probs"] = packed.log_probs
         model.train()

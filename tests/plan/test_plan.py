@@ -28,7 +28,8 @@ def test_the_72b_plan_fits_on_4x8_h100_and_renders_every_phase() -> None:
     plan = make_plan(config_72b(), get_gpu("H100-80GB"))
     assert plan.fits, plan.verdict
     text = render(plan)
-    for needle in ("generate", "logprob", "train", "sync", "optimizer", "activations", "vllm", "KV cache",
+    # Under full recompute every stage's train phase peaks at the Adam step (adam temp), not in the backward.
+    for needle in ("generate", "logprob", "train", "sync", "optimizer", "adam temp", "logits", "vllm", "KV cache",
                    "pipeline stage 3", "rough step time", "VERDICT: fits"):
         assert needle in text, needle
     # Four stages of 20 layers; stage 0 also holds the vision tower, the last the output layer.
@@ -44,7 +45,8 @@ def test_selective_recompute_does_not_fit_and_names_the_activations_and_the_knob
     reason = plan.verdict[0]
     assert reason.startswith("train on pipeline stage 0 needs"), reason
     assert "activations" in reason and "model.recompute=full" in reason and "max_tokens_per_micro_batch" in reason
-    assert "VERDICT: does not fit" in render(plan)
+    text = render(plan)
+    assert "\n  activations " in text and "VERDICT: does not fit" in text
     # The same layout on the larger GPU fits.
     assert make_plan(config_72b("model.recompute=selective"), get_gpu("H200-141GB")).fits
 

@@ -11,8 +11,9 @@ Megatron's pipeline schedule (`set_input_tensor`). Every chunk needs `input_ids`
 rotary positions are computed from them when `position_ids` is not given.
 
 The decoder is Megatron's `GPTModel` (`position_embedding_type="mrope"`) with the layer specs of `spec.py`; the
-vocabulary is padded for TP and padded logits are masked before any softmax; tied embeddings follow Megatron's
-shared-embedding mechanics (the last stage holds a copy, kept equal by the embedding-group gradient all-reduce);
+vocabulary is padded for TP and the padded columns are masked in the log-probs (`parallel/vocab_parallel.py`);
+tied embeddings follow Megatron's shared-embedding mechanics (the last stage holds a copy, kept equal by the
+embedding-group gradient all-reduce);
 KV heads fewer than TP ranks are replicated with their gradients summed (`kv_replicas.py`) and stored once in
 checkpoints (`kv_checkpoint.py`).
 
@@ -36,12 +37,12 @@ from torch import Tensor
 from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig, decoder_transformer_config
 from lmmrl_megatron.models.qwen_vl.kv_checkpoint import store_kv_heads_unreplicated
 from lmmrl_megatron.models.qwen_vl.kv_replicas import attach_kv_replica_grad_sync
-from lmmrl_megatron.models.qwen_vl.logprobs import mask_padded_vocab, vocab_parallel_log_probs
 from lmmrl_megatron.models.qwen_vl.packed import PackedBatch, pack_padded_batch, unpack_to_padded
 from lmmrl_megatron.models.qwen_vl.rope_index import get_rope_index
 from lmmrl_megatron.models.qwen_vl.spec import decoder_block_spec
 from lmmrl_megatron.models.qwen_vl.vision import QwenVisionEncoder
 from lmmrl_megatron.models.qwen_vl.vision_config import vision_transformer_config
+from lmmrl_megatron.parallel.vocab_parallel import vocab_parallel_log_probs
 
 
 @dataclass
@@ -49,7 +50,7 @@ class QwenVLOutput:
     """What the last pipeline chunk returns. Tensors are in the padded [B, S] layout of the inputs."""
 
     log_probs: Tensor | None  # [B, S] fp32 log p(labels[b, s]); 0 where labels < 0 or at padding; None w/o labels
-    logits: Tensor | None  # [B, S, padded_vocab / tp] this rank's vocab slice; padded columns = padded_logit(dtype)
+    logits: Tensor | None  # [B, S, padded_vocab / tp] this rank's vocab slice, padded columns as the output layer gives
 
 
 class QwenVLModel(MegatronModule):
@@ -243,10 +244,13 @@ class QwenVLModel(MegatronModule):
         attention_mask: Tensor | None,
         return_logits: bool,
     ) -> QwenVLOutput:
-        logits = mask_padded_vocab(logits, self.vocab_size)  # [B, S, V / tp]
         log_probs = None
         if labels is not None:
-            log_probs = vocab_parallel_log_probs(logits, labels, keep_logits=return_logits)
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+            # keep_logits=False when they are not returned: fp32 logits are then worked on in place
+            log_probs, _ = vocab_parallel_log_probs(
+                logits, labels, self.vocab_size, tp_group, keep_logits=return_logits
+            )
         if packed_batch is not None:
             if log_probs is not None:
                 log_probs = unpack_to_padded(log_probs, packed_batch)

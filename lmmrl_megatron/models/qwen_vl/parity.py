@@ -230,7 +230,7 @@ def megatron_forward(hf_dir: str, batch: ParityBatch, dtype: str = "fp32", packe
     (serialised with `to_bytes`), None elsewhere."""
     from megatron.core import parallel_state as ps
 
-    from lmmrl_megatron.models.qwen_vl.logprobs import gather_vocab_parallel_logits
+    from lmmrl_megatron.parallel.vocab_parallel import gather_vocab_parallel_logits
 
     exact_fp32(dtype)
     layout = ShardLayout(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size())
@@ -246,7 +246,7 @@ def megatron_forward(hf_dir: str, batch: ParityBatch, dtype: str = "fp32", packe
         out = run_pipeline(model, batch_on(batch, device), forward_only=True, packed=packed)
     if out is None:
         return None
-    logits = gather_vocab_parallel_logits(out.logits, model.vocab_size)
+    logits = gather_vocab_parallel_logits(out.logits, model.vocab_size, ps.get_tensor_model_parallel_group())
     if ps.get_tensor_model_parallel_rank() != 0:
         return None
     return to_bytes(ParityOutputs(logits=logits.float().cpu(), log_probs=out.log_probs.float().cpu()))
