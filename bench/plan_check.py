@@ -96,7 +96,8 @@ def init_world(on_gpu: bool) -> None:
 
 
 def make_batch(config, qwen, max_tokens: int):
-    """Two micro-batches of four text-only rows of max_tokens / 4 tokens (a quarter prompt, the rest response)."""
+    """Eight text-only rows of max_tokens / 4 tokens (a quarter prompt, the rest response), and their two
+    micro-batches of four."""
     from lmmrl_megatron.engine.micro_batch import split_by_token_budget
     from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch
 
@@ -105,7 +106,8 @@ def make_batch(config, qwen, max_tokens: int):
     prompt = length // 4
     top = min(qwen.tokens.vision_start_token_id, qwen.text.vocab_size) - 10  # below every special token
     rows = [torch.randint(0, top, (length,), generator=gen) for _ in range(8)]
-    batch = RolloutBatch.from_rows([PromptInputs(ids[:prompt]) for ids in rows], list(range(8)), [ids[prompt:] for ids in rows])
+    prompts = [PromptInputs(ids[:prompt]) for ids in rows]
+    batch = RolloutBatch.from_rows(prompts, list(range(8)), [ids[prompt:] for ids in rows])
     groups = split_by_token_budget(batch.num_tokens(), config.trainer.max_tokens_per_micro_batch)
     assert len(groups) == 2 and all(len(g) == 4 for g in groups), groups
     return batch, groups
@@ -166,8 +168,9 @@ def measure(config, qwen, on_gpu: bool) -> dict[str, tuple[float | None, float]]
         stats = engine.forward_only(micro_batches())
         out["logprob"] = meter.stop()
         # old log-probs from this forward, advantages of +-1: a real PPO-clip loss
-        parts = [RowValues(st.micro_batch.sample_index.cpu(), response_values(st.micro_batch, st.values, batch)) for st in stats]
-        old = RowValues.merge(parts).values
+        old = RowValues.merge(
+            [RowValues(st.micro_batch.sample_index.cpu(), response_values(st.micro_batch, st.values, batch)) for st in stats]
+        ).values
         signs = (torch.arange(batch.num_rows) % 2 * 2.0 - 1.0)[:, None] * batch.response_mask
         batch = dataclasses.replace(batch, old_logprobs=old, rollout_logprobs=old, advantages=signs)
         meter.start()

@@ -54,7 +54,8 @@ def train_once(engine, shape_name: str, device: str) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     below = SHAPES[shape_name].ids["bos"]  # ordinary text ids
     prompt = PromptInputs(torch.randint(0, below, (64,), generator=gen))
-    batch = RolloutBatch.from_rows([prompt], [0], [torch.randint(0, below, (64,), generator=gen)], advantages=[torch.ones(64)])
+    response = torch.randint(0, below, (64,), generator=gen)
+    batch = RolloutBatch.from_rows([prompt], [0], [response], advantages=[torch.ones(64)])
     micro_batch = collate(batch, [0]).to(device)
 
     def loss_fn(logprobs, entropy, mb):

@@ -37,6 +37,9 @@ class PromptInputs:
 
 @dataclass
 class RolloutBatch:
+    """N rows (responses) of a step, padded to the longest; built by `from_rows`, columns set with
+    `dataclasses.replace` (which checks their shape)."""
+
     prompts: list[PromptInputs]  # each prompt once
     prompt_index: Tensor  # [N] long: the prompt of each row
     response_ids: Tensor  # [N, R] long, right-padded with 0
@@ -52,9 +55,10 @@ class RolloutBatch:
         if self.response_ids.dim() != 2:
             raise ValueError(f"response_ids must be [rows, width], got shape {tuple(self.response_ids.shape)}")
         shape = tuple(self.response_ids.shape)
-        if tuple(self.prompt_index.shape) != shape[:1]:
-            raise ValueError(f"prompt_index must have one entry per row ({shape[0]}), got shape {tuple(self.prompt_index.shape)}")
-        if len(self.prompt_index) and not 0 <= int(self.prompt_index.min()) <= int(self.prompt_index.max()) < len(self.prompts):
+        index = self.prompt_index
+        if tuple(index.shape) != shape[:1]:
+            raise ValueError(f"prompt_index must have one entry per row ({shape[0]}), got shape {tuple(index.shape)}")
+        if len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(self.prompts):
             raise ValueError(f"prompt_index must point into the {len(self.prompts)} prompts")
         for name in ("response_mask", *TOKEN_FIELDS):
             value = getattr(self, name)
@@ -134,7 +138,8 @@ class RolloutBatch:
         """Consecutive batches of `size` rows (the last may be shorter): the step's mini-batches."""
         if size < 1:
             raise ValueError(f"split size must be >= 1, got {size}")
-        return [self.select(list(range(start, min(start + size, self.num_rows)))) for start in range(0, self.num_rows, size)]
+        starts = range(0, self.num_rows, size)
+        return [self.select(list(range(start, min(start + size, self.num_rows)))) for start in starts]
 
     def shard(self, rank: int, world_size: int) -> list[int]:
         """The rows of data-parallel rank `rank`: every `world_size`-th one. Ranks pack their rows from the whole

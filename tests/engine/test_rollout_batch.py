@@ -88,7 +88,8 @@ def test_shards_cover_every_row_once_and_their_results_merge_back_in_row_order()
     parts = []
     for rows in reversed(shards):
         mb = collate(batch, rows)
-        parts.append(RowValues(mb.sample_index, response_values(mb, mb.rollout_logprobs, batch), 2 * response_values(mb, mb.rollout_logprobs, batch)))
+        logprobs = response_values(mb, mb.rollout_logprobs, batch)
+        parts.append(RowValues(mb.sample_index, logprobs, 2 * logprobs))
     merged = RowValues.merge(parts)
     assert merged.rows.tolist() == list(range(6))
     assert torch.equal(merged.values, batch.rollout_logprobs)
