@@ -95,21 +95,22 @@ def init_world(on_gpu: bool) -> None:
     torch.manual_seed(1234)
 
 
-def make_samples(config, qwen, max_tokens: int, device):
-    """Two micro-batches of four text-only rows of max_tokens / 4 tokens (a quarter prompt, the rest response)."""
-    from lmmrl_megatron.engine.micro_batch import Sample, collate, split_by_token_budget
+def make_batch(config, qwen, max_tokens: int):
+    """Eight text-only rows of max_tokens / 4 tokens (a quarter prompt, the rest response), and their two
+    micro-batches of four."""
+    from lmmrl_megatron.engine.micro_batch import split_by_token_budget
+    from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch
 
     gen = torch.Generator().manual_seed(0)
     length = max_tokens // 4
     prompt = length // 4
     top = min(qwen.tokens.vision_start_token_id, qwen.text.vocab_size) - 10  # below every special token
-    samples = []
-    for _ in range(8):
-        ids = torch.randint(0, top, (length,), generator=gen)
-        samples.append(Sample(ids[:prompt], ids[prompt:]))
-    groups = split_by_token_budget([s.num_tokens for s in samples], config.trainer.max_tokens_per_micro_batch)
+    rows = [torch.randint(0, top, (length,), generator=gen) for _ in range(8)]
+    prompts = [PromptInputs(ids[:prompt]) for ids in rows]
+    batch = RolloutBatch.from_rows(prompts, list(range(8)), [ids[prompt:] for ids in rows])
+    groups = split_by_token_budget(batch.num_tokens(), config.trainer.max_tokens_per_micro_batch)
     assert len(groups) == 2 and all(len(g) == 4 for g in groups), groups
-    return samples, lambda: [collate(samples, g).to(device) for g in groups]
+    return batch, groups
 
 
 class Meter:
@@ -138,6 +139,8 @@ def measure(config, qwen, on_gpu: bool) -> dict[str, tuple[float | None, float]]
     """One cycle as warm-up, then the measured cycle: {phase: (bytes or None, seconds)}."""
     from lmmrl_megatron.convert.export import export_hf_weights
     from lmmrl_megatron.engine.megatron_engine import MegatronEngine
+    from lmmrl_megatron.engine.micro_batch import collate, response_values
+    from lmmrl_megatron.engine.rollout_batch import RowValues
     from lmmrl_megatron.models.qwen_vl.policy import build_chunks
     from lmmrl_megatron.models.qwen_vl.checkpoint_model import qwen_vl_shards_to_hf
     from lmmrl_megatron.models.qwen_vl.policy import qwen_vl_forward
@@ -151,8 +154,12 @@ def measure(config, qwen, on_gpu: bool) -> dict[str, tuple[float | None, float]]
     engine = MegatronEngine(chunks, qwen_vl_forward, qwen.text.vocab_size, config.trainer.actor, 1.0,
                             config.model.dtype == "bf16")
     shards_to_hf = qwen_vl_shards_to_hf(qwen, config.model.transformer_impl)
-    samples, micro_batches = make_samples(config, qwen, config.trainer.max_tokens_per_micro_batch, device)
-    normaliser = float(sum(s.response_ids.numel() for s in samples))
+    batch, groups = make_batch(config, qwen, config.trainer.max_tokens_per_micro_batch)
+
+    def micro_batches():
+        return [collate(batch, g).to(device) for g in groups]
+
+    normaliser = float(batch.response_mask.sum())
     loss_fn = make_policy_loss(config.algorithm, normaliser, 0.0)
     meter, out = Meter(on_gpu, baseline), {}
     for _cycle in range(2):
@@ -160,13 +167,12 @@ def measure(config, qwen, on_gpu: bool) -> dict[str, tuple[float | None, float]]
         meter.start()
         stats = engine.forward_only(micro_batches())
         out["logprob"] = meter.stop()
-        for st in stats:  # old log-probs from this forward, advantages of +-1: a real PPO-clip loss
-            for row, index in enumerate(st.micro_batch.sample_index.tolist()):
-                s = samples[index]
-                n = s.response_ids.numel()
-                start = s.prompt_ids.numel() - 1
-                s.old_logprobs = s.rollout_logprobs = st.values[row, start : start + n].float().cpu()
-                s.advantages = torch.full((n,), 1.0 if index % 2 else -1.0)
+        # old log-probs from this forward, advantages of +-1: a real PPO-clip loss
+        old = RowValues.merge(
+            [RowValues(st.micro_batch.sample_index.cpu(), response_values(st.micro_batch, st.values, batch)) for st in stats]
+        ).values
+        signs = (torch.arange(batch.num_rows) % 2 * 2.0 - 1.0)[:, None] * batch.response_mask
+        batch = dataclasses.replace(batch, old_logprobs=old, rollout_logprobs=old, advantages=signs)
         meter.start()
         engine.train_step(micro_batches(), loss_fn)
         out["train"] = meter.stop()

@@ -49,13 +49,15 @@ def build_engine(shape_name: str, device: str, dtype: str):
 
 def train_once(engine, shape_name: str, device: str) -> dict[str, float]:
     """One optimizer step on a 64 + 64 token text sample: enough for Adam's state to exist."""
-    from lmmrl_megatron.engine.micro_batch import Sample, collate
+    from lmmrl_megatron.engine.micro_batch import collate
+    from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch
 
     gen = torch.Generator().manual_seed(0)
     below = SHAPES[shape_name].ids["bos"]  # ordinary text ids
-    sample = Sample(torch.randint(0, below, (64,), generator=gen), torch.randint(0, below, (64,), generator=gen),
-                    advantages=torch.ones(64))
-    micro_batch = collate([sample], [0]).to(device)
+    prompt = PromptInputs(torch.randint(0, below, (64,), generator=gen))
+    response = torch.randint(0, below, (64,), generator=gen)
+    batch = RolloutBatch.from_rows([prompt], [0], [response], advantages=[torch.ones(64)])
+    micro_batch = collate(batch, [0]).to(device)
 
     def loss_fn(logprobs, entropy, mb):
         return -(logprobs * mb.loss_mask).sum() / mb.loss_mask.sum(), {}

@@ -10,6 +10,7 @@ import contextlib
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,14 +31,14 @@ from lmmrl_megatron.config.loader import dump_yaml, to_dict
 from lmmrl_megatron.config.schema import RunConfig
 from lmmrl_megatron.config.validate import validate_run_config
 from lmmrl_megatron.engine.lr_schedule import learning_rate
-from lmmrl_megatron.engine.micro_batch import Sample
+from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch
 from lmmrl_megatron.rollout.engine import MultimodalPrompt, SamplingParams
 from lmmrl_megatron.trainer import faults
 from lmmrl_megatron.trainer.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from lmmrl_megatron.trainer.errors import DataError, one_line
-from lmmrl_megatron.trainer.groups import PolicyGroup, RolloutGroup, init_ray, make_placement_group, put_samples
+from lmmrl_megatron.trainer.groups import PolicyGroup, RolloutGroup, init_ray, make_placement_group, put_batch
 from lmmrl_megatron.trainer.metrics import MetricsLogger
-from lmmrl_megatron.trainer.step_math import pad_responses, scatter_rows, step_metrics
+from lmmrl_megatron.trainer.step_math import step_metrics
 from lmmrl_megatron.trainer.storage import check_checkpoint_storage, expected_checkpoint_bytes, explain_save_failure
 
 
@@ -122,8 +123,7 @@ class RLTrainer:
         swap: dict[str, float] = {}  # colocated: GB and GB/s of the swap's two directions
 
         # 1. Prompts, processed once (token ids, pixel values, image grids), reused for generation and training.
-        batch = self.prompts.next_batch()
-        encoded = batch.prompts
+        encoded = self.prompts.next_batch().prompts
         prompts = [MultimodalPrompt.from_encoded(p) for p in encoded]
 
         # 2. Generate n responses per prompt with the rollout engines' per-token log-probs.
@@ -141,52 +141,53 @@ class RLTrainer:
             with timed(timings, "onload"):
                 self.rollout.sleep()
                 swap = self.policy.onload()
-        samples = [
-            Sample(p.input_ids, out.response_ids, p.pixel_values, p.image_grid_thw, rollout_logprobs=out.logprobs)
-            for p, group in zip(encoded, outputs)
-            for out in group
-        ]
+        # The step's one padding: every response, right-padded, with the engines' log-probs as a column.
+        rollout = RolloutBatch.from_rows(
+            prompts=[PromptInputs(p.input_ids, p.pixel_values, p.image_grid_thw) for p in encoded],
+            prompt_index=[i for i, group in enumerate(outputs) for _ in group],
+            response_ids=[out.response_ids for group in outputs for out in group],
+            rollout_logprobs=[out.logprobs for group in outputs for out in group],
+        )
 
         # 3. Score every response; shape (normalise, clip) the scores whatever their source.
         with timed(timings, "reward"):
-            raw_scores = self._score(encoded, samples)
+            raw_scores = self._score(encoded, rollout)
         scores = shape_scores(raw_scores, self.reward_moments, alg.reward_clip)
 
         # 4. Optionally drop prompts whose n rewards are all equal: no signal for group baselines.
-        keep = list(range(len(samples)))
+        keep = list(range(rollout.num_rows))
         if cfg.trainer.filter_uniform_groups:
             # When every group is uniform the step trains on all of them (zero advantages, zero policy gradient).
             keep = nonconstant_group_mask(raw_scores, n).nonzero().flatten().tolist() or keep
-        samples, scores = [samples[i] for i in keep], scores[keep]
+        batch, scores = rollout.select(keep), scores[keep]
 
         # 5. Old log-probs (and reference log-probs, critic values) from the trainer's own forward passes.
         with timed(timings, "logprob"):
-            shared = put_samples(samples)
+            shared = put_batch(batch)
             old = self.policy.forward(shared, "actor")
             ref = self.policy.forward(shared, "reference") if self.use_reference else None
             values = self.policy.forward(shared, "critic") if self.use_critic else None
-        for i, s in enumerate(samples):
-            s.old_logprobs = old[i][0]
-            s.ref_logprobs = ref[i][0] if ref is not None else None
-            s.old_values = values[i][0] if values is not None else None
+        batch = replace(
+            batch,
+            old_logprobs=old.values,
+            ref_logprobs=None if ref is None else ref.values,
+            old_values=None if values is None else values.values,
+        )
+        mask = batch.response_mask
         # The engines generated with the weights the trainer holds now: their log-probs must agree with ours.
-        mismatch = max(float((s.old_logprobs - s.rollout_logprobs).abs().max()) for s in samples)
+        mismatch = float((batch.old_logprobs - batch.rollout_logprobs).abs()[mask.bool()].max())
 
         # 6. Advantages: KL as a per-token reward penalty (unless it is a loss term), then the estimator.
-        mask = pad_responses([torch.ones_like(s.response_ids, dtype=torch.float32) for s in samples])
-        old_lp = pad_responses([s.old_logprobs for s in samples])
         kl_coef = self.kl_controller.value
         kl_rewards, kl = None, torch.zeros_like(mask)
         if ref is not None:
-            ref_lp = pad_responses([s.ref_logprobs for s in samples])
+            old_lp, ref_lp = batch.old_logprobs, batch.ref_logprobs
             kl = kl_estimate(old_lp, ref_lp, alg.kl_estimator, alg.kl_clamp) * mask
             if alg.kl_in_reward:
                 kl_rewards = kl_reward_penalty(old_lp, ref_lp, mask, alg.kl_estimator, kl_coef, alg.kl_clamp)
-        old_values = pad_responses([s.old_values for s in samples]) if values is not None else None
-        inputs = AdvantageInputs(scores=scores, mask=mask, kl_rewards=kl_rewards, values=old_values)
+        inputs = AdvantageInputs(scores=scores, mask=mask, kl_rewards=kl_rewards, values=batch.old_values)
         advantages = compute_advantages(alg, inputs, n)
-        for s, adv, ret in zip(samples, scatter_rows(advantages.advantages, samples), scatter_rows(advantages.returns, samples)):
-            s.advantages, s.returns = adv, ret
+        batch = replace(batch, advantages=advantages.advantages, returns=advantages.returns)
 
         faults.inject("train", self.step + 1, self.policy)  # LMMRL_FAULT: a test's kill, nothing otherwise
 
@@ -199,19 +200,17 @@ class RLTrainer:
         max_len = cfg.rollout.max_new_tokens
         with timed(timings, "train"):
             for _ in range(alg.ppo_epochs):
-                for start in range(0, len(samples), cfg.trainer.train_batch_size):
-                    mini = samples[start : start + cfg.trainer.train_batch_size]
-                    mini_mask = pad_responses([torch.ones(s.response_ids.numel()) for s in mini])
+                for mini in batch.split(cfg.trainer.train_batch_size):
                     # seq_mean_token_sum_norm's constant length: the longest response the engines may generate
-                    count = global_aggregation_count([mini_mask], alg.loss_agg_mode, max_response_length=max_len)
+                    count = global_aggregation_count([mini.response_mask], alg.loss_agg_mode, max_response_length=max_len)
                     normaliser = float(count)
-                    shared_mini = put_samples(mini)
+                    shared_mini = put_batch(mini)
                     mini_metrics = self.policy.train_actor(shared_mini, normaliser, kl_coef, lrs["lr/actor"])
                     if self.use_critic:
                         mini_metrics |= self.policy.train_critic(shared_mini, normaliser, lrs["lr/critic"])
                     train_metrics.append(mini_metrics)
         # The controller observes the per-token KL, the `kl` logged below: algorithm.kl_target is in those units.
-        self.kl_controller.update(token_mean_kl(kl, mask), len(samples))
+        self.kl_controller.update(token_mean_kl(kl, mask), batch.num_rows)
 
         # 8. Push the new weights to the rollout engines (TP gathered, PP collected, bucketed). Colocated, the
         # policy first frees its gradients and optimizer state, and the engines' KV cache comes back only after
@@ -225,8 +224,9 @@ class RLTrainer:
         if self.swap_colocated:
             self.rollout.wake_up_kv_cache()
 
-        entropy = pad_responses([old[i][1] for i in range(len(samples))])
-        metrics = step_metrics(raw_scores, samples, mask, kl, entropy, train_metrics, advantages, kl_coef, keep)
+        metrics = step_metrics(
+            raw_scores, batch.response_lengths, mask, kl, old.entropy, train_metrics, advantages, kl_coef, keep
+        )
         return metrics | {"rollout/logprob_abs_diff_max": mismatch} | lrs | sync | swap | timings
 
     def evaluate(self) -> dict[str, float]:
@@ -240,16 +240,17 @@ class RLTrainer:
             result.write_samples(self.save_path / "eval" / f"step_{self.step:08d}.jsonl")
         return result.metrics
 
-    def _score(self, encoded, samples: list[Sample]) -> torch.Tensor:
+    def _score(self, encoded, rollout: RolloutBatch) -> torch.Tensor:
         n = self.config.rollout.n_samples_per_prompt
-        responses = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-        labels = [encoded[i // n].answer for i in range(len(samples))]
+        rows = range(rollout.num_rows)
+        responses = self.tokenizer.batch_decode([rollout.response(i) for i in rows], skip_special_tokens=True)
+        labels = [encoded[i // n].answer for i in rows]
         if self.config.reward.remote_rm_url:
-            queries = self.tokenizer.batch_decode([torch.cat([s.prompt_ids, s.response_ids]) for s in samples])
-            prompts = [encoded[i // n].raw_message for i in range(len(samples))]
+            queries = self.tokenizer.batch_decode([torch.cat([rollout.prompt(i).ids, rollout.response(i)]) for i in rows])
+            prompts = [encoded[i // n].raw_message for i in rows]
             result = self.reward.score(queries, prompts, labels)
         else:
-            prompts = [encoded[i // n].prompt_text for i in range(len(samples))]
+            prompts = [encoded[i // n].prompt_text for i in rows]
             result = self.reward.score(responses, labels, prompts)
         self._reward_counters = result.counters
         return torch.tensor(result.rewards, dtype=torch.float32)

@@ -17,7 +17,7 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lmmrl_megatron.config.schema import RunConfig
-from lmmrl_megatron.engine.micro_batch import Sample
+from lmmrl_megatron.engine.rollout_batch import RolloutBatch, RowValues
 from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
 from lmmrl_megatron.trainer.errors import ClusterError
 
@@ -185,20 +185,18 @@ class PolicyGroup:
 
         os.kill(ray.get(self.workers[rank].pid.remote()), signal.SIGKILL)
 
-    def forward(self, samples: Any, role: str) -> dict[int, tuple[Any, Any]]:
-        """`samples` is a Ray object ref of list[Sample]; per sample index, (log-probs, entropy) of the actor or
-        reference, (values, None) of the critic."""
-        merged: dict[int, tuple[Any, Any]] = {}
-        for part in self._gather([w.forward.remote(samples, role) for w in self.workers], f"forward ({role})"):
-            merged.update(part)
-        return merged
+    def forward(self, batch: Any, role: str) -> RowValues:
+        """`batch` is a Ray object ref of the step's RolloutBatch; [N, R] per response token of every row, in row
+        order: log-probs and entropy of the actor or reference, values (entropy None) of the critic."""
+        parts = self._gather([w.forward.remote(batch, role) for w in self.workers], f"forward ({role})")
+        return RowValues.merge([p for p in parts if p is not None])
 
-    def train_actor(self, samples: Any, normaliser: float, kl_coef: float, lr: float) -> dict[str, float]:
-        parts = self._gather([w.train_actor.remote(samples, normaliser, kl_coef, lr) for w in self.workers], "train_actor")
+    def train_actor(self, batch: Any, normaliser: float, kl_coef: float, lr: float) -> dict[str, float]:
+        parts = self._gather([w.train_actor.remote(batch, normaliser, kl_coef, lr) for w in self.workers], "train_actor")
         return next(p for p in parts if p)
 
-    def train_critic(self, samples: Any, normaliser: float, lr: float) -> dict[str, float]:
-        parts = self._gather([w.train_critic.remote(samples, normaliser, lr) for w in self.workers], "train_critic")
+    def train_critic(self, batch: Any, normaliser: float, lr: float) -> dict[str, float]:
+        parts = self._gather([w.train_critic.remote(batch, normaliser, lr) for w in self.workers], "train_critic")
         return next(p for p in parts if p)
 
     def offload(self) -> dict[str, float]:
@@ -296,6 +294,6 @@ class RolloutGroup:
             ray.kill(engine)
 
 
-def put_samples(samples: list[Sample]) -> Any:
-    """One object-store copy of the step's samples, shared by every rank."""
-    return ray.put(samples)
+def put_batch(batch: RolloutBatch) -> Any:
+    """One object-store copy of a batch, shared by every rank."""
+    return ray.put(batch)

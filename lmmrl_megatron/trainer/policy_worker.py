@@ -4,8 +4,8 @@ critic (PPO with GAE) when the algorithm needs them.
 The controller creates `world_size` of these as Ray actors. Each joins one torch.distributed world (NCCL on
 GPUs, gloo on CPU), builds its pipeline stage of the model at the configured TP x PP layout, loads the
 Hugging Face weights through the shared mapping, and then serves the controller's requests; it knows the model only
-through its family (`models/registry.py`: build, forward, export mapping). Every request carries the whole step's
-samples (one Ray object, not copied per rank); each rank takes its data-parallel share.
+through its family (`models/registry.py`: build, forward, export mapping). Every request carries a whole
+`RolloutBatch` (one Ray object, not copied per rank); each rank takes its data-parallel share.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from lmmrl_megatron.algorithms import AlgorithmConfig, PolicyLossInputs, metrics_to_dict, policy_loss, value_loss
 from lmmrl_megatron.config.schema import RunConfig
 from lmmrl_megatron.engine.megatron_engine import MegatronEngine
-from lmmrl_megatron.engine.micro_batch import MicroBatch, Sample, collate, response_values, split_by_token_budget
+from lmmrl_megatron.engine.micro_batch import MicroBatch, collate, response_values, split_by_token_budget
+from lmmrl_megatron.engine.rollout_batch import RolloutBatch, RowValues
 
 Role = Literal["actor", "reference", "critic"]
 
@@ -163,44 +164,46 @@ class PolicyWorker:
         return chunks
 
     # -- requests -------------------------------------------------------------------------------------------------
-    def _my_micro_batches(self, samples: list[Sample]) -> list[MicroBatch]:
+    def _my_micro_batches(self, batch: RolloutBatch) -> list[MicroBatch]:
         from megatron.core import parallel_state as ps
 
-        mine = list(range(len(samples)))[ps.get_data_parallel_rank() :: ps.get_data_parallel_world_size()]
-        groups = split_by_token_budget([samples[i].num_tokens for i in mine], self.config.trainer.max_tokens_per_micro_batch)
-        return [collate(samples, [mine[j] for j in group]).to(self.device) for group in groups]
+        mine = batch.shard(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        num_tokens = batch.num_tokens()
+        groups = split_by_token_budget([num_tokens[i] for i in mine], self.config.trainer.max_tokens_per_micro_batch)
+        return [collate(batch, [mine[j] for j in group]).to(self.device) for group in groups]
 
-    def forward(self, samples: list[Sample], role: Role) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per response token, by sample index: (log-probs, entropy) for actor/reference, (values, None) for the
-        critic; answered by the last-stage, TP-rank-0 member of each data-parallel group, {} by the others."""
+    def forward(self, batch: RolloutBatch, role: Role) -> RowValues | None:
+        """Per response token of this rank's rows: log-probs and entropy for actor/reference, values for the
+        critic; answered by the last-stage, TP-rank-0 member of each data-parallel group, None by the others."""
         from megatron.core import parallel_state as ps
 
         if role not in self.engines:
             raise ValueError(f"this worker holds no {role} model")
-        stats = self.engines[role].forward_only(self._my_micro_batches(samples))
-        if ps.get_tensor_model_parallel_rank() != 0:
-            return {}
-        out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for st in stats:
-            entropies = dict(response_values(st.micro_batch, st.entropy, samples)) if st.entropy is not None else {}
-            for index, values in response_values(st.micro_batch, st.values, samples):
-                out[index] = (values, entropies.get(index))
-        return out
+        stats = self.engines[role].forward_only(self._my_micro_batches(batch))
+        if ps.get_tensor_model_parallel_rank() != 0 or not stats:
+            return None
+        return RowValues(
+            rows=torch.cat([st.micro_batch.sample_index.cpu() for st in stats]),
+            values=torch.cat([response_values(st.micro_batch, st.values, batch) for st in stats]),
+            entropy=None if stats[0].entropy is None else torch.cat(
+                [response_values(st.micro_batch, st.entropy, batch) for st in stats]
+            ),
+        )
 
-    def train_actor(self, samples: list[Sample], normaliser: float, kl_coef: float, lr: float) -> dict[str, float]:
-        """One actor optimizer step on these samples at learning rate `lr`."""
+    def train_actor(self, batch: RolloutBatch, normaliser: float, kl_coef: float, lr: float) -> dict[str, float]:
+        """One actor optimizer step on this mini-batch at learning rate `lr`."""
         loss_fn = make_policy_loss(self.config.algorithm, normaliser, kl_coef)
-        return self._train("actor", samples, loss_fn, lr)
+        return self._train("actor", batch, loss_fn, lr)
 
-    def train_critic(self, samples: list[Sample], normaliser: float, lr: float) -> dict[str, float]:
-        """One critic optimizer step on these samples at learning rate `lr`."""
-        return self._train("critic", samples, make_value_loss(self.config.algorithm, normaliser), lr)
+    def train_critic(self, batch: RolloutBatch, normaliser: float, lr: float) -> dict[str, float]:
+        """One critic optimizer step on this mini-batch at learning rate `lr`."""
+        return self._train("critic", batch, make_value_loss(self.config.algorithm, normaliser), lr)
 
-    def _train(self, role: Role, samples: list[Sample], loss_fn, lr: float) -> dict[str, float]:
+    def _train(self, role: Role, batch: RolloutBatch, loss_fn, lr: float) -> dict[str, float]:
         """Metrics come back from the last-stage, TP-rank-0 member of the first data-parallel group."""
         from megatron.core import parallel_state as ps
 
-        metrics = self.engines[role].train_step(self._my_micro_batches(samples), loss_fn, lr)
+        metrics = self.engines[role].train_step(self._my_micro_batches(batch), loss_fn, lr)
         metrics["optimizer_step"] = optimizer_step_count(self.engines[role].optimizer)
         if role == "critic":
             metrics = {("critic/" + k if not k.startswith("critic/") else k): v for k, v in metrics.items()}

@@ -1,6 +1,6 @@
 """The Megatron engine gives the same log-probs and the same optimizer step at every parallel layout.
 
-Samples of different lengths are split into micro-batches by a token budget and, under data parallelism, spread
+Rows of different lengths are split into micro-batches by a token budget and, under data parallelism, spread
 unevenly over ranks; the loss is a token-mean over the global batch. Log-probs, entropy, grad norm and the
 log-probs after one Adam step must equal the single-process run's.
 """
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lmmrl_megatron.config.sections import OptimizerConfig
-from lmmrl_megatron.engine.micro_batch import Sample, collate, response_values, split_by_token_budget
+from lmmrl_megatron.engine.micro_batch import collate, response_values, split_by_token_budget
+from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch
 from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.tiny_gpt import VOCAB
 
@@ -19,18 +20,25 @@ LENGTHS = [(5, 7), (3, 2), (8, 6), (4, 9), (6, 1), (2, 5)]  # (prompt, response)
 TOKEN_BUDGET = 30
 
 
-def make_samples() -> list[Sample]:
+def make_batch(**per_token) -> RolloutBatch:
+    """One prompt per row; `per_token` adds columns (a list of one tensor per row each)."""
     gen = torch.Generator().manual_seed(11)
-    samples = []
+    prompts, responses, advantages = [], [], []
     for num_prompt, num_response in LENGTHS:
-        samples.append(
-            Sample(
-                prompt_ids=torch.randint(0, VOCAB, (num_prompt,), generator=gen),
-                response_ids=torch.randint(0, VOCAB, (num_response,), generator=gen),
-                advantages=torch.randn(num_response, generator=gen),
-            )
-        )
-    return samples
+        prompts.append(PromptInputs(torch.randint(0, VOCAB, (num_prompt,), generator=gen)))
+        responses.append(torch.randint(0, VOCAB, (num_response,), generator=gen))
+        advantages.append(torch.randn(num_response, generator=gen))
+    return RolloutBatch.from_rows(prompts, list(range(len(prompts))), responses, advantages=advantages, **per_token)
+
+
+def unpadded_values(stats, batch: RolloutBatch) -> dict[int, torch.Tensor]:
+    """Each row's response values, by row of the batch."""
+    out = {}
+    lengths = batch.response_lengths.tolist()
+    for st in stats:
+        values = response_values(st.micro_batch, st.values, batch)
+        out.update({i: values[row, : lengths[i]] for row, i in enumerate(st.micro_batch.sample_index.tolist())})
+    return out
 
 
 def gpt_forward(model, micro_batch):
@@ -45,12 +53,12 @@ def engine_worker(offload_before_training: bool = False) -> dict[str, object]:
     from lmmrl_megatron.engine.megatron_engine import MegatronEngine
     from lmmrl_megatron.testing.tiny_gpt import build_tiny_gpt
 
-    samples = make_samples()
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    mine = list(range(len(samples)))[dp_rank::dp_size]
-    global_tokens = sum(s.response_ids.numel() for s in samples)
-    groups = split_by_token_budget([samples[i].num_tokens for i in mine], TOKEN_BUDGET)
-    micro_batches = [collate(samples, [mine[j] for j in group]) for group in groups]
+    batch = make_batch()
+    mine = batch.shard(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    global_tokens = int(batch.response_mask.sum())
+    num_tokens = batch.num_tokens()
+    groups = split_by_token_budget([num_tokens[i] for i in mine], TOKEN_BUDGET)
+    micro_batches = [collate(batch, [mine[j] for j in group]) for group in groups]
 
     engine = MegatronEngine([build_tiny_gpt()], gpt_forward, VOCAB, OptimizerConfig(lr=1e-2, clip_grad=0.0), temperature=0.8)
 
@@ -58,13 +66,7 @@ def engine_worker(offload_before_training: bool = False) -> dict[str, object]:
         loss = -(logprobs * mb.advantages * mb.loss_mask).sum() / global_tokens
         return loss, {"loss": loss.item(), "num_tokens": float(mb.loss_mask.sum())}
 
-    def gather(stats):
-        out = {}
-        for st in stats:
-            out.update({i: v for i, v in response_values(st.micro_batch, st.values, samples)})
-        return out
-
-    before = gather(engine.forward_only(micro_batches))
+    before = unpadded_values(engine.forward_only(micro_batches), batch)
     if offload_before_training:  # what a colocated rollout phase does between the forward and the update
         buffers = [buffer for chunk in engine.model for buffer in chunk.buffers]
         engine.offload()
@@ -78,7 +80,7 @@ def engine_worker(offload_before_training: bool = False) -> dict[str, object]:
         engine.onload()
         assert all(b.grad_data.untyped_storage().size() > 0 for b in buffers)
     metrics = engine.train_step(micro_batches, token_mean_pg_loss)
-    after = gather(engine.forward_only(micro_batches))
+    after = unpadded_values(engine.forward_only(micro_batches), batch)
     return {"last_stage": ps.is_pipeline_last_stage(), "before": before, "after": after, "metrics": metrics}
 
 
@@ -103,29 +105,27 @@ def reference() -> dict[str, object]:
 
 
 def test_micro_batches_respect_the_token_budget() -> None:
-    samples = make_samples()
-    groups = split_by_token_budget([s.num_tokens for s in samples], TOKEN_BUDGET)
-    assert sorted(i for g in groups for i in g) == list(range(len(samples)))
+    batch = make_batch()
+    groups = split_by_token_budget(batch.num_tokens(), TOKEN_BUDGET)
+    assert sorted(i for g in groups for i in g) == list(range(batch.num_rows))
     for group in groups:
-        mb = collate(samples, group)
+        mb = collate(batch, group)
         assert mb.input_ids.numel() <= TOKEN_BUDGET or len(group) == 1
         for row, index in enumerate(group):
-            s = samples[index]
-            assert int(mb.loss_mask[row].sum()) == s.response_ids.numel()
+            response = batch.response(index)
+            assert int(mb.loss_mask[row].sum()) == response.numel()
             # the masked labels are exactly the response tokens
-            assert torch.equal(mb.labels[row][mb.loss_mask[row].bool()], s.response_ids)
-            assert torch.equal(mb.advantages[row][mb.loss_mask[row].bool()], s.advantages)
+            assert torch.equal(mb.labels[row][mb.loss_mask[row].bool()], response)
+            assert torch.equal(mb.advantages[row][mb.loss_mask[row].bool()], batch.advantages[index, : response.numel()])
 
 
 def test_a_micro_batch_moves_every_tensor_to_the_model_device() -> None:
     """Workers build micro-batches on the host and move them to the model's device: no field may stay behind."""
-    from dataclasses import fields
+    from dataclasses import fields, replace
 
-    samples = make_samples()
-    for s in samples:
-        s.old_logprobs = torch.randn(s.response_ids.numel())
-        s.pixel_values, s.image_grid_thw = torch.randn(4, 6), torch.tensor([[1, 2, 2]])
-    host = collate(samples, [0, 2])
+    batch = make_batch(old_logprobs=[torch.randn(r) for _, r in LENGTHS])
+    batch = replace(batch, prompts=[PromptInputs(p.ids, torch.randn(4, 6), torch.tensor([[1, 2, 2]])) for p in batch.prompts])
+    host = collate(batch, [0, 2])
     moved = host.to("meta")
     tensors = {f.name: getattr(moved, f.name) for f in fields(moved) if isinstance(getattr(host, f.name), torch.Tensor)}
     assert {"input_ids", "labels", "loss_mask", "advantages", "old_logprobs", "pixel_values"} <= tensors.keys()
@@ -164,8 +164,8 @@ def lr_worker() -> dict[str, object]:
     from lmmrl_megatron.engine.megatron_engine import MegatronEngine
     from lmmrl_megatron.testing.tiny_gpt import build_tiny_gpt
 
-    samples = make_samples()
-    micro_batches = [collate(samples, list(range(len(samples))))]
+    batch = make_batch()
+    micro_batches = [collate(batch, list(range(batch.num_rows)))]
     config = OptimizerConfig(lr=1e-2, clip_grad=0.0, weight_decay=0.1)
     engine = MegatronEngine([build_tiny_gpt()], gpt_forward, VOCAB, config)
 

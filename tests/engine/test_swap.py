@@ -15,7 +15,7 @@ from lmmrl_megatron.engine.micro_batch import collate
 from lmmrl_megatron.engine.swap import HostSwap, optimizer_state_tensors
 from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.tiny_gpt import VOCAB
-from tests.engine.test_megatron_engine import gpt_forward, make_samples
+from tests.engine.test_megatron_engine import gpt_forward, make_batch
 
 STEPS = 3
 CHUNK_BYTES = 4093  # odd, small: storages span chunks and chunk boundaries fall inside elements
@@ -40,10 +40,10 @@ def _state(engine) -> list[torch.Tensor]:
 def swap_worker() -> dict[str, object]:
     from megatron.core import parallel_state as ps
 
-    samples = make_samples()
-    mine = list(range(len(samples)))[ps.get_data_parallel_rank() :: ps.get_data_parallel_world_size()]
-    micro_batches = [collate(samples, mine[:2]), collate(samples, mine[2:])]
-    global_tokens = sum(s.response_ids.numel() for s in samples)
+    batch = make_batch()
+    mine = batch.shard(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    micro_batches = [collate(batch, mine[:2]), collate(batch, mine[2:])]
+    global_tokens = int(batch.response_mask.sum())
 
     def loss_fn(logprobs, entropy, mb):
         loss = -(logprobs * mb.advantages * mb.loss_mask).sum() / global_tokens

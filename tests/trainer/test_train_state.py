@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from lmmrl_megatron.engine.micro_batch import collate
 from lmmrl_megatron.parallel.local_ranks import run_distributed
-from tests.engine.test_megatron_engine import collate, gpt_forward, make_samples
+from tests.engine.test_megatron_engine import gpt_forward, make_batch
 
 
 def save_load_and_step(directory: str) -> dict[str, object]:
@@ -22,8 +23,8 @@ def save_load_and_step(directory: str) -> dict[str, object]:
     from lmmrl_megatron.trainer.policy_worker import optimizer_step_count
     from lmmrl_megatron.trainer.train_state import load_train_state, save_train_state
 
-    samples = make_samples()
-    micro_batches = [collate(samples, list(range(len(samples))))]
+    batch = make_batch()
+    micro_batches = [collate(batch, list(range(batch.num_rows)))]
 
     def loss_fn(logprobs, entropy, mb):
         return -(logprobs * mb.advantages * mb.loss_mask).sum() / mb.loss_mask.sum(), {}

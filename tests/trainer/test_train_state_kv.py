@@ -19,8 +19,8 @@ from lmmrl_megatron.testing.make_tiny import make_tiny_checkpoint
 from tests.convert.qwen_workers import assert_same_state
 
 
-def _samples(vision_ids: set[int]):
-    from lmmrl_megatron.engine.micro_batch import Sample
+def _batch(vision_ids: set[int]):
+    from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch
 
     gen = torch.Generator().manual_seed(3)
 
@@ -28,8 +28,12 @@ def _samples(vision_ids: set[int]):
         t = torch.randint(0, 64, (n,), generator=gen)
         return torch.where(torch.isin(t, torch.tensor(sorted(vision_ids))), torch.zeros_like(t), t)
 
-    return [Sample(prompt_ids=ids(p), response_ids=ids(r), advantages=torch.randn(r, generator=gen))
-            for p, r in [(5, 4), (3, 6), (7, 2)]]
+    prompts, responses, advantages = [], [], []
+    for p, r in [(5, 4), (3, 6), (7, 2)]:  # drawn in the order the rows were always drawn: prompt, response, advantages
+        prompts.append(PromptInputs(ids(p)))
+        responses.append(ids(r))
+        advantages.append(torch.randn(r, generator=gen))
+    return RolloutBatch.from_rows(prompts, [0, 1, 2], responses, advantages=advantages)
 
 
 def _actor(hf_dir: str, tp: int):
@@ -57,13 +61,13 @@ def _step(engine, config) -> None:
     from lmmrl_megatron.engine.micro_batch import collate
 
     tokens = config.tokens
-    samples = _samples({tokens.image_token_id, tokens.video_token_id, tokens.vision_start_token_id,
+    batch = _batch({tokens.image_token_id, tokens.video_token_id, tokens.vision_start_token_id,
                         tokens.vision_end_token_id})
 
     def loss_fn(logprobs, entropy, mb):
         return -(logprobs * mb.advantages * mb.loss_mask).sum() / mb.loss_mask.sum(), {}
 
-    engine.train_step([collate(samples, list(range(len(samples))))], loss_fn)
+    engine.train_step([collate(batch, list(range(batch.num_rows)))], loss_fn)
 
 
 def train_save_resume(hf_dir: str, directory: str) -> dict[str, object]:
