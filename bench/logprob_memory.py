@@ -4,7 +4,7 @@
     python bench/logprob_memory.py --tokens 64         # CPU (no GPU): peak RSS, a fresh process per pass
 
 bf16 logits [tokens, vocab] (this rank's slice, as the output layer gives them) go through
-`parallel/vocab_parallel.vocab_parallel_log_probs` as the training engine calls it (a temperature, excluded
+`parallel/vocab_parallel.vocab_parallel_log_probs` as the learner calls it (a temperature, excluded
 tokens, the entropy). Forward: the peak while log-probs and entropy are computed; backward: the peak while the
 gradient of a loss of both reaches the logits. Each is counted from before the logits exist, so it includes them.
 """

@@ -3,7 +3,7 @@
     python bench/plan_check.py --out docs/plan_check.md         # GPU: 3B and 7B shapes, two settings each (~2-4 min)
     python bench/plan_check.py --device cpu --shape tiny        # CPU: the same code path, no measurement
 
-Our policy is built as the trainer builds it (`models/qwen_vl/policy.build_chunks`, `MegatronEngine` with Megatron
+Our policy is built as the trainer builds it (`models/qwen_vl/policy.build_chunks`, `MegatronLearner` with Megatron
 DDP and the distributed optimizer, TP=1, world size 1), from a random init on the device: no checkpoint, no Ray,
 no vLLM. One colocated step's phases run in the trainer's order: onload, logprob (forward only), train (forward,
 backward, Adam step), offload (grads freed, optimizer state to the host), sync (the HF export in buckets, two
@@ -98,8 +98,8 @@ def init_world(on_gpu: bool) -> None:
 def make_batch(config, qwen, max_tokens: int):
     """Eight text-only rows of max_tokens / 4 tokens (a quarter prompt, the rest response), and their two
     micro-batches of four."""
-    from lmmrl_megatron.engine.micro_batch import split_by_token_budget
-    from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch
+    from lmmrl_megatron.learner.micro_batch import split_by_token_budget
+    from lmmrl_megatron.learner.rollout_batch import PromptInputs, RolloutBatch
 
     gen = torch.Generator().manual_seed(0)
     length = max_tokens // 4
@@ -138,9 +138,9 @@ class Meter:
 def measure(config, qwen, on_gpu: bool) -> dict[str, tuple[float | None, float]]:
     """One cycle as warm-up, then the measured cycle: {phase: (bytes or None, seconds)}."""
     from lmmrl_megatron.convert.export import export_hf_weights
-    from lmmrl_megatron.engine.megatron_engine import MegatronEngine
-    from lmmrl_megatron.engine.micro_batch import collate, response_values
-    from lmmrl_megatron.engine.rollout_batch import RowValues
+    from lmmrl_megatron.learner.megatron_learner import MegatronLearner
+    from lmmrl_megatron.learner.micro_batch import collate, response_values
+    from lmmrl_megatron.learner.rollout_batch import RowValues
     from lmmrl_megatron.models.qwen_vl.policy import build_chunks
     from lmmrl_megatron.models.qwen_vl.checkpoint_model import qwen_vl_shards_to_hf
     from lmmrl_megatron.models.qwen_vl.policy import qwen_vl_forward
@@ -151,7 +151,7 @@ def measure(config, qwen, on_gpu: bool) -> dict[str, tuple[float | None, float]]
     if baseline > 2**20:
         print(f"  note: {baseline / GiB:.2f} GiB still allocated before the build (subtracted)", flush=True)
     chunks = build_chunks(qwen, config.model, config.parallel, on_gpu, load=False)
-    engine = MegatronEngine(chunks, qwen_vl_forward, qwen.text.vocab_size, config.trainer.actor, 1.0,
+    engine = MegatronLearner(chunks, qwen_vl_forward, qwen.text.vocab_size, config.trainer.actor, 1.0,
                             config.model.dtype == "bf16")
     shards_to_hf = qwen_vl_shards_to_hf(qwen, config.model.transformer_impl)
     batch, groups = make_batch(config, qwen, config.trainer.max_tokens_per_micro_batch)

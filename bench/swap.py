@@ -4,9 +4,9 @@
     python bench/swap.py --device cpu --shape tiny         # CPU: the same code path at a tiny shape (a smoke test)
     python bench/swap.py --out swap.md                     # also write the table (.json: every figure as JSON)
 
-The policy is built with random weights on the device (no checkpoint) and wrapped in the trainer's engine
+The policy is built with random weights on the device (no checkpoint) and wrapped in the trainer's learner
 (Megatron DDP, the distributed optimizer, as a one-GPU run); one train step on a short text sample creates
-Adam's moments. Then `engine.offload()` / `engine.onload()` (engine/swap.py) are timed `--repeats` times each:
+Adam's moments. Then `learner.offload()` / `learner.onload()` (learner/swap.py) are timed `--repeats` times each:
 the first offload also allocates and pins the host chunks (its `alloc s`, reported apart). `GB/s` is the bytes
 moved over the whole call (copies, freeing or re-allocating device storage, the gradient buffers' free and
 re-zeroing). The reference is a plain copy of the same bytes between one device tensor and those pinned chunks.
@@ -29,9 +29,9 @@ from model_step import SHAPES, hf_config, init_megatron  # noqa: E402 - bench/ i
 TARGET_GBPS = 20.0  # issue 17: each way, on an H200
 
 
-def build_engine(shape_name: str, device: str, dtype: str):
+def build_learner(shape_name: str, device: str, dtype: str):
     from lmmrl_megatron.config.sections import OptimizerConfig
-    from lmmrl_megatron.engine.megatron_engine import MegatronEngine
+    from lmmrl_megatron.learner.megatron_learner import MegatronLearner
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
     from lmmrl_megatron.models.qwen_vl.policy import qwen_vl_forward
@@ -42,15 +42,15 @@ def build_engine(shape_name: str, device: str, dtype: str):
     model = QwenVLModel(qwen_config, options, pre_process=True, post_process=True)
     if device == "cuda":
         model = model.cuda(torch.cuda.current_device())
-    engine = MegatronEngine([model], qwen_vl_forward, qwen_config.text.vocab_size, OptimizerConfig(lr=1e-6),
+    learner = MegatronLearner([model], qwen_vl_forward, qwen_config.text.vocab_size, OptimizerConfig(lr=1e-6),
                             bf16=dtype == "bf16")
-    return engine, sum(p.numel() for p in model.parameters())
+    return learner, sum(p.numel() for p in model.parameters())
 
 
-def train_once(engine, shape_name: str, device: str) -> dict[str, float]:
+def train_once(learner, shape_name: str, device: str) -> dict[str, float]:
     """One optimizer step on a 64 + 64 token text sample: enough for Adam's state to exist."""
-    from lmmrl_megatron.engine.micro_batch import collate
-    from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch
+    from lmmrl_megatron.learner.micro_batch import collate
+    from lmmrl_megatron.learner.rollout_batch import PromptInputs, RolloutBatch
 
     gen = torch.Generator().manual_seed(0)
     below = SHAPES[shape_name].ids["bos"]  # ordinary text ids
@@ -62,7 +62,7 @@ def train_once(engine, shape_name: str, device: str) -> dict[str, float]:
     def loss_fn(logprobs, entropy, mb):
         return -(logprobs * mb.loss_mask).sum() / mb.loss_mask.sum(), {}
 
-    return engine.train_step([micro_batch], loss_fn)
+    return learner.train_step([micro_batch], loss_fn)
 
 
 def _sync(device: str) -> None:
@@ -99,9 +99,9 @@ def measure(args: argparse.Namespace) -> dict:
     device, dtype = args.device, args.dtype
     init_megatron(device, args.seed)
     start = time.perf_counter()
-    engine, num_params = build_engine(args.shape, device, dtype)
+    learner, num_params = build_learner(args.shape, device, dtype)
     built_s = time.perf_counter() - start
-    metrics = train_once(engine, args.shape, device)
+    metrics = train_once(learner, args.shape, device)
     print(f"built {num_params / 1e6:.1f} M parameters in {built_s:.1f} s; one train step: grad_norm "
           f"{metrics['grad_norm']:.3g}", flush=True)
     mem = (lambda: torch.cuda.memory_allocated() / 2**30) if device == "cuda" else (lambda: None)
@@ -110,13 +110,13 @@ def measure(args: argparse.Namespace) -> dict:
         for direction in ("offload", "onload"):
             before = mem()
             _sync(device)
-            stats = engine.offload() if direction == "offload" else engine.onload()
+            stats = learner.offload() if direction == "offload" else learner.onload()
             rows.append({"direction": direction, "run": run, "gb": stats.bytes / 1e9, "copy_s": stats.copy_s,
                          "memory_s": stats.memory_s, "alloc_s": stats.alloc_s, "total_s": stats.seconds,
                          "gbps": stats.gbps, "mem_before_gib": before, "mem_after_gib": mem()})
             print(f"  {direction} {run}: {stats.bytes / 1e9:.3f} GB in {stats.seconds:.3f} s = {stats.gbps:.1f} GB/s",
                   flush=True)
-    chunks = engine.host_swap.chunks  # after the last onload their contents are dead: the reference may overwrite them
+    chunks = learner.host_swap.chunks  # after the last onload their contents are dead: the reference may overwrite them
     num_bytes = int(rows[0]["gb"] * 1e9)
     if device == "cuda":  # the same bytes if they fit beside the onloaded state, else what does
         num_bytes = max(0, min(num_bytes, torch.cuda.mem_get_info()[0] - (2 << 30)))

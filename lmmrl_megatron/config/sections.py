@@ -100,7 +100,7 @@ LRScheduler = Literal["constant", "cosine"]
 
 @dataclass
 class OptimizerConfig:
-    """Adam and its learning-rate schedule, counted in RL steps (`engine/lr_schedule.py` has the formulas):
+    """Adam and its learning-rate schedule, counted in RL steps (`learner/lr_schedule.py` has the formulas):
     `lr_warmup_steps` steps of linear warmup to `lr`, then `lr` (`constant`) or a cosine down to `min_lr` at
     `trainer.max_steps` (`cosine`)."""
 

@@ -27,7 +27,7 @@ def _model_problems(config: RunConfig, training: bool) -> list[str]:
         problems.append(f"model.pretrain={pretrain!r} is not a Hugging Face checkpoint folder (no config.json)")
     if training and config.model.dtype == "fp16":
         problems.append(
-            "model.dtype='fp16' is not supported for training: the Megatron engine has no fp16 loss scaling (an "
+            "model.dtype='fp16' is not supported for training: the Megatron learner has no fp16 loss scaling (an "
             "fp16 run would train fp16 weights with no loss scale and overflow or underflow); use 'bf16' on GPUs "
             "or 'fp32'"
         )

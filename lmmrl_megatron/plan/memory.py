@@ -2,7 +2,7 @@
 
 Phases, in the order a colocated step runs them (`trainer/controller.py`):
     generate  the engines sample; the policy holds only its weights (grads and optimizer state offloaded to the
-              host by `MegatronEngine.offload`, reference weights stay); vLLM holds gpu_memory_utilization x GPU
+              host by `MegatronLearner.offload`, reference weights stay); vLLM holds gpu_memory_utilization x GPU
     logprob   engines asleep (level 2: weights and KV cache freed), the policy onloaded: forward only
     train     forward + backward + Adam step, micro-batches of max_tokens_per_micro_batch tokens
     sync      the policy offloaded again, the engines' weights woken (KV cache not yet), export buckets in flight

@@ -30,8 +30,8 @@ from lmmrl_megatron.algorithms import (
 from lmmrl_megatron.config.loader import dump_yaml, to_dict
 from lmmrl_megatron.config.schema import RunConfig
 from lmmrl_megatron.config.validate import validate_run_config
-from lmmrl_megatron.engine.lr_schedule import learning_rate
-from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch
+from lmmrl_megatron.learner.lr_schedule import learning_rate
+from lmmrl_megatron.learner.rollout_batch import PromptInputs, RolloutBatch
 from lmmrl_megatron.rollout.engine import MultimodalPrompt, SamplingParams
 from lmmrl_megatron.trainer import faults
 from lmmrl_megatron.trainer.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state

@@ -17,7 +17,7 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lmmrl_megatron.config.schema import RunConfig
-from lmmrl_megatron.engine.rollout_batch import RolloutBatch, RowValues
+from lmmrl_megatron.learner.rollout_batch import RolloutBatch, RowValues
 from lmmrl_megatron.rollout.engine import GenerationOutput, MultimodalPrompt, SamplingParams
 from lmmrl_megatron.trainer.errors import ClusterError
 

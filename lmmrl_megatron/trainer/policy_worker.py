@@ -19,9 +19,9 @@ import torch
 
 from lmmrl_megatron.algorithms import AlgorithmConfig, PolicyLossInputs, metrics_to_dict, policy_loss, value_loss
 from lmmrl_megatron.config.schema import RunConfig
-from lmmrl_megatron.engine.megatron_engine import MegatronEngine
-from lmmrl_megatron.engine.micro_batch import MicroBatch, collate, response_values, split_by_token_budget
-from lmmrl_megatron.engine.rollout_batch import RolloutBatch, RowValues
+from lmmrl_megatron.learner.megatron_learner import MegatronLearner
+from lmmrl_megatron.learner.micro_batch import MicroBatch, collate, response_values, split_by_token_budget
+from lmmrl_megatron.learner.rollout_batch import RolloutBatch, RowValues
 
 Role = Literal["actor", "reference", "critic"]
 
@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 def make_policy_loss(config: AlgorithmConfig, normaliser: float, kl_coef: float):
-    """The engine's loss function for one optimizer step: this micro-batch's share of the global policy loss."""
+    """The learner's loss function for one optimizer step: this micro-batch's share of the global policy loss."""
 
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = PolicyLossInputs(
@@ -92,7 +92,7 @@ class PolicyWorker:
         self.with_critic = with_critic
         self.use_gpu = config.trainer.num_gpus_per_node > 0
         self.device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")  # Ray shows one GPU
-        self.engines: dict[Role, MegatronEngine] = {}
+        self.learners: dict[Role, MegatronLearner] = {}
         self.actor_chunks: list[torch.nn.Module] = []
         self.weight_sender = None  # the weight-sync transport's sender (trainer/weight_sync.py), made at the first sync
 
@@ -136,12 +136,12 @@ class PolicyWorker:
         # The rollout engines never sample vision placeholders; the log-probs are those of what they sample.
         never_sampled = self.never_sampled_token_ids
         forward = self.family.forward
-        self.engines["actor"] = MegatronEngine(
+        self.learners["actor"] = MegatronLearner(
             self.actor_chunks, forward, self.num_real_vocab, self.config.trainer.actor, temperature, bf16,
             excluded_token_ids=never_sampled,
         )
         if self.with_reference:
-            self.engines["reference"] = MegatronEngine(
+            self.learners["reference"] = MegatronLearner(
                 self._build_model(), forward, self.num_real_vocab, None, temperature, bf16,
                 excluded_token_ids=never_sampled,
             )
@@ -151,7 +151,7 @@ class PolicyWorker:
             critic_chunks = self._build_model()
             for chunk in critic_chunks:
                 attach_value_head(chunk)
-            self.engines["critic"] = MegatronEngine(
+            self.learners["critic"] = MegatronLearner(
                 critic_chunks, forward, self.num_real_vocab, self.config.trainer.critic, bf16=bf16, head="values"
             )
         return {"dp": ps.get_data_parallel_world_size(), "tp": parallel.tp, "pp": parallel.pp}
@@ -177,9 +177,9 @@ class PolicyWorker:
         critic; answered by the last-stage, TP-rank-0 member of each data-parallel group, None by the others."""
         from megatron.core import parallel_state as ps
 
-        if role not in self.engines:
+        if role not in self.learners:
             raise ValueError(f"this worker holds no {role} model")
-        stats = self.engines[role].forward_only(self._my_micro_batches(batch))
+        stats = self.learners[role].forward_only(self._my_micro_batches(batch))
         if ps.get_tensor_model_parallel_rank() != 0 or not stats:
             return None
         return RowValues(
@@ -203,8 +203,8 @@ class PolicyWorker:
         """Metrics come back from the last-stage, TP-rank-0 member of the first data-parallel group."""
         from megatron.core import parallel_state as ps
 
-        metrics = self.engines[role].train_step(self._my_micro_batches(batch), loss_fn, lr)
-        metrics["optimizer_step"] = optimizer_step_count(self.engines[role].optimizer)
+        metrics = self.learners[role].train_step(self._my_micro_batches(batch), loss_fn, lr)
+        metrics["optimizer_step"] = optimizer_step_count(self.learners[role].optimizer)
         if role == "critic":
             metrics = {("critic/" + k if not k.startswith("critic/") else k): v for k, v in metrics.items()}
         # Loss metrics are shares of global means: summing them over data-parallel ranks gives the step's value.
@@ -219,14 +219,14 @@ class PolicyWorker:
     def offload(self) -> dict[str, float]:
         """Free the trained roles' gradient buffers and optimizer state for a colocated rollout engine; the bytes
         copied to the host and the seconds it took on this rank."""
-        return self._swap_stats([engine.offload() for engine in self.engines.values()])
+        return self._swap_stats([learner.offload() for learner in self.learners.values()])
 
     def onload(self) -> dict[str, float]:
-        return self._swap_stats([engine.onload() for engine in self.engines.values()])
+        return self._swap_stats([learner.onload() for learner in self.learners.values()])
 
     @staticmethod
     def _swap_stats(parts: list) -> dict[str, float]:
-        from lmmrl_megatron.engine.swap import SwapStats
+        from lmmrl_megatron.learner.swap import SwapStats
 
         total = sum(parts, SwapStats())
         return {"bytes": float(total.bytes), "seconds": total.seconds}
@@ -276,12 +276,12 @@ class PolicyWorker:
     def save_checkpoint(self, directory: str) -> None:
         from lmmrl_megatron.trainer.train_state import save_train_state
 
-        save_train_state(Path(directory), self.engines)
+        save_train_state(Path(directory), self.learners)
 
     def load_checkpoint(self, directory: str) -> None:
         from lmmrl_megatron.trainer.train_state import load_train_state
 
-        load_train_state(Path(directory), self.engines)
+        load_train_state(Path(directory), self.learners)
 
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():

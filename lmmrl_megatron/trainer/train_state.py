@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 
 from lmmrl_megatron.convert.mcore_ckpt import model_sharded_state_dict
-from lmmrl_megatron.engine.megatron_engine import MegatronEngine
+from lmmrl_megatron.learner.megatron_learner import MegatronLearner
 
 
 def _materialise_optimizer_state(optimizer) -> None:
@@ -66,15 +66,15 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
         optimizer._synchronize_steps()  # what ChainedOptimizer.load_state_dict ends with
 
 
-def _sharded_state(engine: MegatronEngine, is_loading: bool) -> dict:
-    chunks = [chunk.module for chunk in engine.model]  # unwrap DDP: parameter names as in the plain model
+def _sharded_state(learner: MegatronLearner, is_loading: bool) -> dict:
+    chunks = [chunk.module for chunk in learner.model]  # unwrap DDP: parameter names as in the plain model
     state = model_sharded_state_dict(chunks)
-    assert engine.optimizer is not None
+    assert learner.optimizer is not None
     if is_loading:
-        _materialise_optimizer_state(engine.optimizer)
+        _materialise_optimizer_state(learner.optimizer)
     # 'fully_reshardable' stores the optimizer state per parameter in model space, so a run can resume at another
     # TP/PP/DP layout (the default flattened format only reshards across DP).
-    state["optimizer"] = engine.optimizer.sharded_state_dict(
+    state["optimizer"] = learner.optimizer.sharded_state_dict(
         state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
     )
     return state
@@ -92,32 +92,32 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save_train_state(directory: Path, engines: Mapping[str, MegatronEngine]) -> None:
+def save_train_state(directory: Path, learners: Mapping[str, MegatronLearner]) -> None:
     from megatron.core import dist_checkpointing
 
     _in_process_results_queue()
 
-    for role, engine in engines.items():
-        if engine.optimizer is None:
+    for role, learner in learners.items():
+        if learner.optimizer is None:
             continue
         target = directory / role
         target.mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(_sharded_state(engine, is_loading=False), str(target))
+        dist_checkpointing.save(_sharded_state(learner, is_loading=False), str(target))
 
 
-def load_train_state(directory: Path, engines: Mapping[str, MegatronEngine]) -> None:
+def load_train_state(directory: Path, learners: Mapping[str, MegatronLearner]) -> None:
     from megatron.core import dist_checkpointing
 
-    for role, engine in engines.items():
-        if engine.optimizer is None:
+    for role, learner in learners.items():
+        if learner.optimizer is None:
             continue
         source = directory / role
         if not dist_checkpointing.check_is_distributed_checkpoint(str(source)):
             raise ValueError(f"{source} is not a Megatron-Core distributed checkpoint of the {role}")
         loaded = dist_checkpointing.load(
-            _sharded_state(engine, is_loading=True), str(source), strict="assume_ok_unexpected"
+            _sharded_state(learner, is_loading=True), str(source), strict="assume_ok_unexpected"
         )
-        chunks = [chunk.module for chunk in engine.model]
+        chunks = [chunk.module for chunk in learner.model]
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"])
-        _load_optimizer_state(engine.optimizer, loaded["optimizer"])
+        _load_optimizer_state(learner.optimizer, loaded["optimizer"])

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from lmmrl_megatron.engine.micro_batch import collate
+from lmmrl_megatron.learner.micro_batch import collate
 from lmmrl_megatron.parallel.local_ranks import run_distributed
-from tests.engine.test_megatron_engine import gpt_forward, make_batch
+from tests.engine.test_megatron_learner import gpt_forward, make_batch
 
 
 def save_load_and_step(directory: str) -> dict[str, object]:
     from lmmrl_megatron.config.sections import OptimizerConfig
-    from lmmrl_megatron.engine.megatron_engine import MegatronEngine
+    from lmmrl_megatron.learner.megatron_learner import MegatronLearner
     from lmmrl_megatron.testing.tiny_gpt import VOCAB, build_tiny_gpt
     from lmmrl_megatron.trainer.policy_worker import optimizer_step_count
     from lmmrl_megatron.trainer.train_state import load_train_state, save_train_state
@@ -29,11 +29,11 @@ def save_load_and_step(directory: str) -> dict[str, object]:
     def loss_fn(logprobs, entropy, mb):
         return -(logprobs * mb.advantages * mb.loss_mask).sum() / mb.loss_mask.sum(), {}
 
-    def engine() -> MegatronEngine:
+    def engine() -> MegatronLearner:
         torch.manual_seed(0)
-        return MegatronEngine([build_tiny_gpt()], gpt_forward, VOCAB, OptimizerConfig(lr=1e-2, clip_grad=0.0))
+        return MegatronLearner([build_tiny_gpt()], gpt_forward, VOCAB, OptimizerConfig(lr=1e-2, clip_grad=0.0))
 
-    def steps(e: MegatronEngine) -> list[torch.Tensor]:
+    def steps(e: MegatronLearner) -> list[torch.Tensor]:
         return [s["step"] for c in getattr(e.optimizer, "chained_optimizers", [e.optimizer]) for s in c.optimizer.state.values()]
 
     trained = engine()

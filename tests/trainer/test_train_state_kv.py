@@ -20,7 +20,7 @@ from tests.convert.qwen_workers import assert_same_state
 
 
 def _batch(vision_ids: set[int]):
-    from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch
+    from lmmrl_megatron.learner.rollout_batch import PromptInputs, RolloutBatch
 
     gen = torch.Generator().manual_seed(3)
 
@@ -38,13 +38,13 @@ def _batch(vision_ids: set[int]):
 
 def _actor(hf_dir: str, tp: int):
     from lmmrl_megatron.config.sections import ModelConfig, OptimizerConfig, ParallelConfig
-    from lmmrl_megatron.engine.megatron_engine import MegatronEngine
+    from lmmrl_megatron.learner.megatron_learner import MegatronLearner
     from lmmrl_megatron.models.registry import family_of_hf_dir
 
     family = family_of_hf_dir(Path(hf_dir))
     torch.manual_seed(0)
     chunks, config = family.build_policy_chunks(ModelConfig(pretrain=hf_dir, dtype="fp32"), ParallelConfig(tp=tp), False)
-    engine = MegatronEngine(chunks, family.forward, family.vocab_size(config), OptimizerConfig(lr=1e-2, clip_grad=0.0))
+    engine = MegatronLearner(chunks, family.forward, family.vocab_size(config), OptimizerConfig(lr=1e-2, clip_grad=0.0))
     return engine, config
 
 
@@ -58,7 +58,7 @@ def _export(engine, config) -> dict[str, np.ndarray]:
 
 
 def _step(engine, config) -> None:
-    from lmmrl_megatron.engine.micro_batch import collate
+    from lmmrl_megatron.learner.micro_batch import collate
 
     tokens = config.tokens
     batch = _batch({tokens.image_token_id, tokens.video_token_id, tokens.vision_start_token_id,

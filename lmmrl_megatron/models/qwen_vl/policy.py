@@ -1,5 +1,5 @@
 """Qwen-VL as the trainer runs it: this rank's chunks at the configured layout, filled from the HF checkpoint, and
-the forward the training engine calls on them. The trainer reaches both through the family (`family.py`).
+the forward the learner calls on them. The trainer reaches both through the family (`family.py`).
 
 `model` and `parallel` are the run config's `ModelConfig` and `ParallelConfig` (config/sections.py), read by their
 fields and `parallel.layout`: models/ does not import config/ (which reaches the rollout backends, which read model

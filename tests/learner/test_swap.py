@@ -1,6 +1,6 @@
-"""The colocated swap (engine/swap.py): optimizer state to host chunks and back, training unchanged bit for bit.
+"""The colocated swap (learner/swap.py): optimizer state to host chunks and back, training unchanged bit for bit.
 
-Two real Megatron engines per dtype over gloo (2 data-parallel ranks, the distributed optimizer sharding the
+Two real Megatron learners per dtype over gloo (2 data-parallel ranks, the distributed optimizer sharding the
 state): one offloads and onloads around every step, as a colocated run does, one never does. Losses, grad norms,
 weights and optimizer state must be identical after three steps. Host chunks of a few KiB make storages span chunks.
 """
@@ -11,18 +11,18 @@ import pytest
 import torch
 
 from lmmrl_megatron.config.sections import OptimizerConfig
-from lmmrl_megatron.engine.micro_batch import collate
-from lmmrl_megatron.engine.swap import HostSwap, optimizer_state_tensors
+from lmmrl_megatron.learner.micro_batch import collate
+from lmmrl_megatron.learner.swap import HostSwap, optimizer_state_tensors
 from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.tiny_gpt import VOCAB
-from tests.engine.test_megatron_engine import gpt_forward, make_batch
+from tests.learner.test_megatron_learner import gpt_forward, make_batch
 
 STEPS = 3
 CHUNK_BYTES = 4093  # odd, small: storages span chunks and chunk boundaries fall inside elements
 
 
 def _build(bf16: bool, chunk_bytes: int):
-    from lmmrl_megatron.engine.megatron_engine import MegatronEngine
+    from lmmrl_megatron.learner.megatron_learner import MegatronLearner
     from lmmrl_megatron.testing.tiny_gpt import build_tiny_gpt
 
     model = build_tiny_gpt()
@@ -30,11 +30,11 @@ def _build(bf16: bool, chunk_bytes: int):
         model = model.bfloat16()
         model.config.bf16, model.config.params_dtype = True, torch.bfloat16
     config = OptimizerConfig(lr=1e-2, clip_grad=1.0, weight_decay=0.1)
-    return MegatronEngine([model], gpt_forward, VOCAB, config, bf16=bf16, swap_chunk_bytes=chunk_bytes)
+    return MegatronLearner([model], gpt_forward, VOCAB, config, bf16=bf16, swap_chunk_bytes=chunk_bytes)
 
 
-def _state(engine) -> list[torch.Tensor]:
-    return [t.detach().clone() for t in optimizer_state_tensors(engine.optimizer)]
+def _state(learner) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in optimizer_state_tensors(learner.optimizer)]
 
 
 def swap_worker() -> dict[str, object]:

@@ -1,6 +1,6 @@
-"""The Megatron-Core training engine: log-probs and PPO updates through Megatron's pipeline schedule.
+"""The Megatron-Core learner: log-probs and PPO updates through Megatron's pipeline schedule.
 
-The engine owns one model (a list of virtual-pipeline chunks on this rank), wrapped in Megatron's
+The learner owns one model (a list of virtual-pipeline chunks on this rank), wrapped in Megatron's
 DistributedDataParallel with its (distributed) optimizer when it is trained, bare when it is frozen (reference).
 It knows nothing about RL: the controller hands it micro-batches and a loss function.
 
@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from lmmrl_megatron.config.sections import OptimizerConfig
-from lmmrl_megatron.engine.lr_schedule import set_optimizer_hyperparams
-from lmmrl_megatron.engine.micro_batch import MicroBatch
-from lmmrl_megatron.engine.swap import DEFAULT_CHUNK_BYTES, HostSwap, SwapStats, optimizer_state_tensors
+from lmmrl_megatron.learner.lr_schedule import set_optimizer_hyperparams
+from lmmrl_megatron.learner.micro_batch import MicroBatch
+from lmmrl_megatron.learner.swap import DEFAULT_CHUNK_BYTES, HostSwap, SwapStats, optimizer_state_tensors
 from lmmrl_megatron.parallel.vocab_parallel import vocab_parallel_log_probs
 
 
@@ -41,7 +41,7 @@ class TokenStats:
     """What a forward pass yields per micro-batch on the last pipeline stage."""
 
     micro_batch: MicroBatch
-    values: Tensor  # [B, S]: log p(labels) at the engine's temperature (policy head), or V(s_t) (value head)
+    values: Tensor  # [B, S]: log p(labels) at the learner's temperature (policy head), or V(s_t) (value head)
     entropy: Tensor | None  # [B, S] policy entropy (policy head only)
 
 
@@ -50,7 +50,7 @@ class TokenStats:
 LossFn = Callable[[Tensor, Tensor | None, MicroBatch], tuple[Tensor, dict[str, float]]]
 
 
-class MegatronEngine:
+class MegatronLearner:
     def __init__(
         self,
         model_chunks: list[torch.nn.Module],
@@ -104,7 +104,7 @@ class MegatronEngine:
         from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
         from megatron.core.optimizer import get_megatron_optimizer
 
-        # The learning rate is set before every step (`train_step(lr=...)`, the schedule of engine/lr_schedule.py).
+        # The learning rate is set before every step (`train_step(lr=...)`, the schedule of learner/lr_schedule.py).
         mcore_cfg = McoreOptimizerConfig(
             optimizer="adam",
             lr=cfg.lr,
@@ -121,7 +121,7 @@ class MegatronEngine:
     def offload(self) -> SwapStats:
         """Free what only training needs while a colocated role uses the device; `onload` brings it back. The
         gradient buffers are freed without a copy (`train_step` zeroes them first); the optimizer state goes to
-        host chunks allocated once (engine/swap.py). The weights stay: log-probs and weight sync use them."""
+        host chunks allocated once (learner/swap.py). The weights stay: log-probs and weight sync use them."""
         if self.optimizer is None or self._offloaded:
             return SwapStats()
         device = next(self.model[0].parameters()).device
@@ -218,8 +218,8 @@ class MegatronEngine:
     def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, lr: float | None = None) -> dict[str, float]:
         """One optimizer step over all micro-batches at learning rate `lr` (None: the configured `lr`); returns
         summed loss metrics (last stage) and grad_norm."""
-        assert self.optimizer is not None and self.optimizer_config is not None, "train_step on a frozen engine"
-        assert not self._offloaded, "onload() the engine before train_step()"
+        assert self.optimizer is not None and self.optimizer_config is not None, "train_step on a frozen learner"
+        assert not self._offloaded, "onload() the learner before train_step()"
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()

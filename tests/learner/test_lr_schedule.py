@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmmrl_megatron.config.sections import OptimizerConfig
-from lmmrl_megatron.engine.lr_schedule import learning_rate, set_optimizer_hyperparams
+from lmmrl_megatron.learner.lr_schedule import learning_rate, set_optimizer_hyperparams
 
 
 def test_cosine_with_warmup_by_hand():

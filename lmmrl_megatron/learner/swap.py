@@ -1,4 +1,4 @@
-"""The colocated swap of a trained engine's optimizer state through host buffers allocated once.
+"""The colocated swap of a trained learner's optimizer state through host buffers allocated once.
 
 While a colocated rollout engine generates, the policy keeps only its weights on the device. Its fp32 main
 parameters and Adam moments (`exp_avg`, `exp_avg_sq`, ...) are copied byte for byte into host chunks and their

@@ -1,9 +1,9 @@
 """The sequences of one RL step as one batch: right-padded response tensors with their mask, and per-token columns.
 
-The controller builds a `RolloutBatch` once from the engines' outputs (the only padding of the step), fills its
+The controller builds a `RolloutBatch` once from the rollout engines' outputs (the only padding of the step), fills its
 columns as whole [N, R] tensors (old and reference log-probs, values, advantages, returns), selects the rows it
 trains on, splits them into mini-batches and ships each to the policy ranks as one object. Each rank packs its
-data-parallel share (`shard`) into micro-batches (`engine/micro_batch.py` reads the batch directly) and answers
+data-parallel share (`shard`) into micro-batches (`learner/micro_batch.py` reads the batch directly) and answers
 with `RowValues` for those rows; `RowValues.merge` puts the shards' answers back into row order.
 
 Prompts are kept once each, ragged, not padded: the n responses of a prompt point to it (`prompt_index`), so its
@@ -44,7 +44,7 @@ class RolloutBatch:
     prompt_index: Tensor  # [N] long: the prompt of each row
     response_ids: Tensor  # [N, R] long, right-padded with 0
     response_mask: Tensor  # [N, R] float32, 1 on response tokens
-    rollout_logprobs: Tensor | None = None  # the engines' log-probs of the sampled tokens
+    rollout_logprobs: Tensor | None = None  # the rollout engines' log-probs of the sampled tokens
     old_logprobs: Tensor | None = None  # the policy's, before this step's update
     ref_logprobs: Tensor | None = None  # the reference model's (KL)
     advantages: Tensor | None = None

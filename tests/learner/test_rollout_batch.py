@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lmmrl_megatron.engine.micro_batch import collate, response_values
-from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch, RowValues
+from lmmrl_megatron.learner.micro_batch import collate, response_values
+from lmmrl_megatron.learner.rollout_batch import PromptInputs, RolloutBatch, RowValues
 
 RESPONSE_LENGTHS = [3, 5, 1, 4, 2, 6]  # two rows per prompt
 

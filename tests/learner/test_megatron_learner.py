@@ -1,4 +1,4 @@
-"""The Megatron engine gives the same log-probs and the same optimizer step at every parallel layout.
+"""The Megatron learner gives the same log-probs and the same optimizer step at every parallel layout.
 
 Rows of different lengths are split into micro-batches by a token budget and, under data parallelism, spread
 unevenly over ranks; the loss is a token-mean over the global batch. Log-probs, entropy, grad norm and the
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lmmrl_megatron.config.sections import OptimizerConfig
-from lmmrl_megatron.engine.micro_batch import collate, response_values, split_by_token_budget
-from lmmrl_megatron.engine.rollout_batch import PromptInputs, RolloutBatch
+from lmmrl_megatron.learner.micro_batch import collate, response_values, split_by_token_budget
+from lmmrl_megatron.learner.rollout_batch import PromptInputs, RolloutBatch
 from lmmrl_megatron.parallel.local_ranks import run_distributed
 from lmmrl_megatron.testing.tiny_gpt import VOCAB
 
@@ -47,10 +47,10 @@ def gpt_forward(model, micro_batch):
     return model(micro_batch.input_ids, position_ids, attention_mask=None)
 
 
-def engine_worker(offload_before_training: bool = False) -> dict[str, object]:
+def learner_worker(offload_before_training: bool = False) -> dict[str, object]:
     from megatron.core import parallel_state as ps
 
-    from lmmrl_megatron.engine.megatron_engine import MegatronEngine
+    from lmmrl_megatron.learner.megatron_learner import MegatronLearner
     from lmmrl_megatron.testing.tiny_gpt import build_tiny_gpt
 
     batch = make_batch()
@@ -60,27 +60,27 @@ def engine_worker(offload_before_training: bool = False) -> dict[str, object]:
     groups = split_by_token_budget([num_tokens[i] for i in mine], TOKEN_BUDGET)
     micro_batches = [collate(batch, [mine[j] for j in group]) for group in groups]
 
-    engine = MegatronEngine([build_tiny_gpt()], gpt_forward, VOCAB, OptimizerConfig(lr=1e-2, clip_grad=0.0), temperature=0.8)
+    learner = MegatronLearner([build_tiny_gpt()], gpt_forward, VOCAB, OptimizerConfig(lr=1e-2, clip_grad=0.0), temperature=0.8)
 
     def token_mean_pg_loss(logprobs, entropy, mb):
         loss = -(logprobs * mb.advantages * mb.loss_mask).sum() / global_tokens
         return loss, {"loss": loss.item(), "num_tokens": float(mb.loss_mask.sum())}
 
-    before = unpadded_values(engine.forward_only(micro_batches), batch)
+    before = unpadded_values(learner.forward_only(micro_batches), batch)
     if offload_before_training:  # what a colocated rollout phase does between the forward and the update
-        buffers = [buffer for chunk in engine.model for buffer in chunk.buffers]
-        engine.offload()
+        buffers = [buffer for chunk in learner.model for buffer in chunk.buffers]
+        learner.offload()
         assert all(b.grad_data.untyped_storage().size() == 0 for b in buffers), "gradient buffers not freed"
         try:
-            engine.train_step(micro_batches, token_mean_pg_loss)
+            learner.train_step(micro_batches, token_mean_pg_loss)
         except AssertionError as exc:
             assert "onload" in str(exc)
         else:
-            raise AssertionError("train_step ran on an offloaded engine")
-        engine.onload()
+            raise AssertionError("train_step ran on an offloaded learner")
+        learner.onload()
         assert all(b.grad_data.untyped_storage().size() > 0 for b in buffers)
-    metrics = engine.train_step(micro_batches, token_mean_pg_loss)
-    after = unpadded_values(engine.forward_only(micro_batches), batch)
+    metrics = learner.train_step(micro_batches, token_mean_pg_loss)
+    after = unpadded_values(learner.forward_only(micro_batches), batch)
     return {"last_stage": ps.is_pipeline_last_stage(), "before": before, "after": after, "metrics": metrics}
 
 
@@ -101,7 +101,7 @@ def merge(results: list[dict]) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, object]:
-    return merge(run_distributed(engine_worker, world_size=1))
+    return merge(run_distributed(learner_worker, world_size=1))
 
 
 def test_micro_batches_respect_the_token_budget() -> None:
@@ -143,7 +143,7 @@ def test_reference_step_changes_the_policy(reference) -> None:
 
 @pytest.mark.parametrize("world_size,tp,pp", [(2, 1, 1), (2, 2, 1), (2, 1, 2)], ids=["dp2", "tp2", "pp2"])
 def test_layouts_match_reference(world_size: int, tp: int, pp: int, reference) -> None:
-    result = merge(run_distributed(engine_worker, world_size=world_size, tp=tp, pp=pp))
+    result = merge(run_distributed(learner_worker, world_size=world_size, tp=tp, pp=pp))
     assert result["before"].keys() == reference["before"].keys()
     for index in reference["before"]:
         torch.testing.assert_close(result["before"][index], reference["before"][index], rtol=1e-5, atol=1e-5)
@@ -153,33 +153,33 @@ def test_layouts_match_reference(world_size: int, tp: int, pp: int, reference) -
 
 
 def test_offload_then_onload_leaves_the_update_unchanged(reference) -> None:
-    """Freeing the gradient buffers while a colocated engine generates must not change the next optimizer step."""
-    result = merge(run_distributed(engine_worker, world_size=2, tp=2, args=(True,)))
+    """Freeing the gradient buffers while a colocated learner generates must not change the next optimizer step."""
+    result = merge(run_distributed(learner_worker, world_size=2, tp=2, args=(True,)))
     for index in reference["before"]:
         torch.testing.assert_close(result["after"][index], reference["after"][index], rtol=1e-4, atol=1e-4)
     assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4)
 
 
 def lr_worker() -> dict[str, object]:
-    from lmmrl_megatron.engine.megatron_engine import MegatronEngine
+    from lmmrl_megatron.learner.megatron_learner import MegatronLearner
     from lmmrl_megatron.testing.tiny_gpt import build_tiny_gpt
 
     batch = make_batch()
     micro_batches = [collate(batch, list(range(batch.num_rows)))]
     config = OptimizerConfig(lr=1e-2, clip_grad=0.0, weight_decay=0.1)
-    engine = MegatronEngine([build_tiny_gpt()], gpt_forward, VOCAB, config)
+    learner = MegatronLearner([build_tiny_gpt()], gpt_forward, VOCAB, config)
 
     def loss_fn(logprobs, entropy, mb):
         return -(logprobs * mb.advantages * mb.loss_mask).sum() / mb.loss_mask.sum(), {}
 
     def weights():
-        return torch.cat([p.detach().flatten().clone() for p in engine.model[0].parameters()])
+        return torch.cat([p.detach().flatten().clone() for p in learner.model[0].parameters()])
 
     start = weights()
-    engine.train_step(micro_batches, loss_fn, lr=0.0)
+    learner.train_step(micro_batches, loss_fn, lr=0.0)
     unchanged = torch.equal(weights(), start)
-    groups = [(g["lr"], g["weight_decay"], g.get("wd_mult", 1.0)) for g in engine.optimizer.param_groups]
-    engine.train_step(micro_batches, loss_fn, lr=1e-2)
+    groups = [(g["lr"], g["weight_decay"], g.get("wd_mult", 1.0)) for g in learner.optimizer.param_groups]
+    learner.train_step(micro_batches, loss_fn, lr=1e-2)
     return {"unchanged_at_lr_0": unchanged, "moved_at_lr": not torch.equal(weights(), start), "groups": groups}
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from lmmrl_megatron.engine.rollout_batch import RolloutBatch
+from lmmrl_megatron.learner.rollout_batch import RolloutBatch
 
 
 @dataclass
