@@ -166,6 +166,16 @@ def engine_args_as_ours(device: str) -> None:
     vllm_generation.LLM = functools.partial(vllm_generation.LLM, **extra)
 
 
+def vllm_suppressed_vision_tokens(model_dir: Path) -> dict:
+    """TRL 1.16 suppresses the image placeholder only in its transformers path (`suppress_tokens`); its vLLM path
+    samples it, and a sampled `<|image_pad|>` in a completion fails TRL's own training forward ("Image features and
+    image tokens do not match", seen on the H200 with random weights). Give its vLLM path the same suppression as
+    a logit bias (the video placeholder too, as our engines ban every vision token)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    ids = [config[key] for key in ("image_token_id", "video_token_id") if key in config]
+    return {"logit_bias": {token_id: -100.0 for token_id in ids}}
+
+
 def run_trl(args: argparse.Namespace, use_vllm: bool) -> dict:
     shimmed = use_trl_shim(args.trl_shim)
     if args.device == "cpu":
@@ -188,6 +198,7 @@ def run_trl(args: argparse.Namespace, use_vllm: bool) -> dict:
 
     config = GRPOConfig(
         output_dir=str(work / f"run_{'trl_vllm' if use_vllm else 'trl'}"),
+        generation_kwargs=vllm_suppressed_vision_tokens(model_dir) if use_vllm else None,
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=batch // micro,  # one optimizer step per generation of `batch` completions
         num_generations=args.n,

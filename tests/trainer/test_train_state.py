@@ -13,7 +13,7 @@ import torch
 
 from lmmrl_megatron.learner.micro_batch import collate
 from lmmrl_megatron.parallel.local_ranks import run_distributed
-from tests.engine.test_megatron_learner import gpt_forward, make_batch
+from tests.learner.test_megatron_learner import gpt_forward, make_batch
 
 
 def save_load_and_step(directory: str) -> dict[str, object]:
