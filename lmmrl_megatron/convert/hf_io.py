@@ -1,8 +1,8 @@
 """Hugging Face side of the converters: a validating, lazy reader and a streaming writer of sharded safetensors.
 
-Reader: `HFCheckpointReader(dir)` checks before any tensor is read that the directory is a Qwen2-VL / Qwen2.5-VL
-checkpoint, that every shard the index names exists and is not truncated (the safetensors header's byte ranges
-must fit the file), and (by default) that every tensor has the shape the config implies, with nothing missing or
+Reader: `HFCheckpointReader(dir)` checks before any tensor is read that the directory is a Hugging Face checkpoint
+(a config naming its `model_type`), that every shard the index names exists and is not truncated (the safetensors
+header's byte ranges must fit the file), and (by default) that every tensor has the shape the config implies, with nothing missing or
 extra. Tensors are then read one at a time with plain file reads at the offsets the header gives (not memory-mapped:
 a mapping would keep every page it touched resident for as long as the file stays open), so memory stays bounded by
 what the caller holds.
@@ -26,7 +26,6 @@ import torch
 
 from lmmrl_megatron.convert.atomic_dir import atomic_output_dir
 
-QWEN_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 # transformers 5's `save_pretrained` nests a vision-language model's parts (`model.language_model.*`,
 # `model.visual.*`); the hub's checkpoints, which vLLM and the mapping use, do not.
 _HF_PREFIX_ALIASES: tuple[tuple[str, str], ...] = (
@@ -139,8 +138,9 @@ def _stored_in_file(path: Path) -> dict[str, StoredTensor]:
     return stored
 
 
-def load_qwen_vl_config(hf_dir: Path) -> dict[str, Any]:
-    """Read `config.json` and check it describes a Qwen2-VL / Qwen2.5-VL model; return it as a dict."""
+def load_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """Read `config.json` and check it is a Hugging Face model config (it names its `model_type`); which models
+    the trainer knows is the family registry's question (`models/registry.py`), not the reader's."""
     config_path = hf_dir / "config.json"
     if not hf_dir.is_dir():
         raise ValueError(f"{hf_dir} is not a directory")
@@ -150,12 +150,8 @@ def load_qwen_vl_config(hf_dir: Path) -> dict[str, Any]:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
-    model_type = config.get("model_type")
-    if model_type not in QWEN_VL_MODEL_TYPES:
-        raise ValueError(
-            f"{config_path}: model_type is {model_type!r}, not a Qwen-VL checkpoint "
-            f"(expected one of {QWEN_VL_MODEL_TYPES})"
-        )
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ValueError(f"{config_path}: not a Hugging Face model config (no model_type)")
     return config
 
 
@@ -215,7 +211,7 @@ def expected_hf_specs(hf_dir: Path) -> dict[str, TensorSpec]:
 
 
 class HFCheckpointReader:
-    """Validated, lazy access to the tensors of a Qwen-VL safetensors checkpoint.
+    """Validated, lazy access to the tensors of a Hugging Face safetensors checkpoint.
 
         with HFCheckpointReader(path) as reader:
             for name in reader.names: tensor = reader.get(name)
@@ -223,7 +219,7 @@ class HFCheckpointReader:
 
     def __init__(self, hf_dir: str | Path, check_config_shapes: bool = True) -> None:
         self.dir = Path(hf_dir)
-        self.config = load_qwen_vl_config(self.dir)
+        self.config = load_hf_config(self.dir)
         self.model_type: str = self.config["model_type"]
         self._stored = _stored_tensors(self.dir)
         self._files: dict[Path, BinaryIO] = {}

@@ -82,8 +82,8 @@ def _hf_dtype(reader: HFCheckpointReader) -> torch.dtype:
 
 def convert_hf_to_mcore(options: ConvertOptions, family_of: FamilyResolver) -> Path:
     """Convert a Hugging Face checkpoint into a Megatron-Core distributed checkpoint."""
+    family = family_of(Path(options.src))  # first: a model no family knows is refused by name
     reader = HFCheckpointReader(options.src)
-    family = family_of(Path(options.src))
     config = family.read_config(options.src)
     family.check_layout(config, options.layout)
     stored_name = {family.canonical_hf_name(name): name for name in reader.names}

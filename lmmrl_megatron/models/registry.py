@@ -36,6 +36,10 @@ class ModelFamily(CheckpointFamily, Protocol):
 
     def never_sampled_token_ids(self, config: Any) -> tuple[int, ...]: ...
 
+    def attach_value_head(self, chunk: torch.nn.Module) -> None:
+        """Turn one of `build_policy_chunks`' chunks into a critic's: a scalar value head for the vocabulary."""
+        ...
+
     def shards_to_hf(self, config: Any, transformer_impl: str) -> Callable[[str, list[torch.Tensor]], Any]: ...
 
 

@@ -146,11 +146,9 @@ class PolicyWorker:
                 excluded_token_ids=never_sampled,
             )
         if self.with_critic:
-            from lmmrl_megatron.trainer.value_model import attach_value_head
-
             critic_chunks = self._build_model()
             for chunk in critic_chunks:
-                attach_value_head(chunk)
+                self.family.attach_value_head(chunk)
             self.learners["critic"] = MegatronLearner(
                 critic_chunks, forward, self.num_real_vocab, self.config.trainer.critic, bf16=bf16, head="values"
             )

@@ -46,6 +46,16 @@ def test_layouts_the_model_cannot_take_are_refused_before_writing(tiny: Path, tm
     assert not list(tmp_path.iterdir())
 
 
+def test_a_model_no_family_knows_is_refused_by_name(tiny: Path, tmp_path: Path) -> None:
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"llama/config\.json: model_type is 'llama', not a model this trainer knows "
+                                         r"\(one of \['qwen2_5_vl', 'qwen2_vl'\]\)"):
+        convert_hf_to_mcore(ConvertOptions(src=str(llama), out=str(tmp_path / "out"), progress=False), family_of_hf_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+
+
 def test_existing_output_needs_overwrite(tiny: Path, converted: Path, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     out.mkdir()

@@ -1,6 +1,6 @@
 """The Hugging Face side: the validating reader, the streaming sharded writer, and write-aside-then-rename.
 
-Every error case names what is wrong and where: a directory that is not a Qwen-VL checkpoint, a shard the index
+Every error case names what is wrong and where: a directory that is not a Hugging Face checkpoint, a shard the index
 lists but the disk lacks, a truncated shard, a tensor whose shape does not match config.json. A writer killed
 mid-write (SIGKILL, in a real subprocess) leaves no directory under the output name.
 """
@@ -80,12 +80,12 @@ def test_plan_shards_keeps_order_and_puts_a_large_tensor_alone() -> None:
     assert [[s.name for s in shard] for shard in shards] == [["a", "b"], ["big"], ["c"]]
 
 
-def test_not_a_qwen_vl_checkpoint(tmp_path: Path) -> None:
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"llama/config\.json: model_type is 'llama', not a Qwen-VL checkpoint"):
-        HFCheckpointReader(llama)
+def test_not_a_hugging_face_checkpoint(tmp_path: Path) -> None:
+    untyped = tmp_path / "untyped"
+    untyped.mkdir()
+    (untyped / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match=r"untyped/config\.json: not a Hugging Face model config \(no model_type\)"):
+        HFCheckpointReader(untyped)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="empty is not a Hugging Face checkpoint: it has no config.json"):

@@ -68,6 +68,12 @@ class QwenVLFamily:
 
         return never_sampled_token_ids(config)
 
+    def attach_value_head(self, chunk: torch.nn.Module) -> None:
+        """Make a loaded policy chunk a critic chunk (PPO's value model); see `critic.py`."""
+        from lmmrl_megatron.models.qwen_vl.critic import attach_value_head
+
+        attach_value_head(chunk)
+
     def shards_to_hf(self, config: QwenVLConfig, transformer_impl: str):
         """The live export's converter: (global Megatron name, TP shards) -> HF tensors."""
         from lmmrl_megatron.models.qwen_vl.checkpoint_model import qwen_vl_shards_to_hf
