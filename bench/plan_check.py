@@ -169,7 +169,8 @@ def measure(config, qwen, on_gpu: bool) -> dict[str, tuple[float | None, float]]
         out["logprob"] = meter.stop()
         # old log-probs from this forward, advantages of +-1: a real PPO-clip loss
         old = RowValues.merge(
-            [RowValues(st.micro_batch.sample_index.cpu(), response_values(st.micro_batch, st.values, batch)) for st in stats]
+            [RowValues(st.micro_batch.sample_index.cpu(), response_values(st.micro_batch, st.values, batch))
+             for st in stats]
         ).values
         signs = (torch.arange(batch.num_rows) % 2 * 2.0 - 1.0)[:, None] * batch.response_mask
         batch = dataclasses.replace(batch, old_logprobs=old, rollout_logprobs=old, advantages=signs)
