@@ -37,7 +37,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.algorithm.check_samples_per_prompt(self.rollout.n_samples_per_prompt)
-        model_parallel = self.parallel.tp * self.parallel.pp
+        model_parallel = self.parallel.layout.model_parallel_size
         if self.trainer.actor_world_size % model_parallel != 0:
             raise ValueError(
                 f"trainer.actor_world_size={self.trainer.actor_world_size} is not a multiple of "

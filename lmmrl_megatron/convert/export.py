@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Literal, Protocol, Sequence
 import torch
 
 from lmmrl_megatron.convert.hf_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_hf_checkpoint
+from lmmrl_megatron.convert.mapping import pad_to_multiple
 from lmmrl_megatron.convert.param_names import global_param_names
 
 Receivers = Literal["all_ranks", "first_rank"]
@@ -68,7 +69,7 @@ class ParamExport:
 
     @property
     def num_bytes(self) -> int:
-        return sum(_aligned(spec.num_bytes) for spec in self.hf_specs)
+        return sum(pad_to_multiple(spec.num_bytes, _ALIGN_BYTES) for spec in self.hf_specs)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class BucketPlan:
         for param in self.params:
             for spec in param.hf_specs:
                 offsets.append(offset)
-                offset += _aligned(spec.num_bytes)
+                offset += pad_to_multiple(spec.num_bytes, _ALIGN_BYTES)
         return tuple(offsets)
 
 
@@ -105,10 +106,6 @@ class BucketPlan:
         if views is None:
             views = self.buffer_views[buffer.data_ptr()] = _views(buffer, self)
         return views
-
-
-def _aligned(num_bytes: int) -> int:
-    return (num_bytes + _ALIGN_BYTES - 1) // _ALIGN_BYTES * _ALIGN_BYTES
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

@@ -257,8 +257,7 @@ class PaddedSplit(Transform):
 
 def padded_vocab_size(vocab_size: int, tp_size: int, make_vocab_size_divisible_by: int = 128) -> int:
     """Megatron's padded vocabulary: the next multiple of `make_vocab_size_divisible_by * tp_size`."""
-    multiple = make_vocab_size_divisible_by * tp_size
-    return -(-vocab_size // multiple) * multiple
+    return pad_to_multiple(vocab_size, make_vocab_size_divisible_by * tp_size)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 from lmmrl_megatron.parallel.layout import ShardLayout
+from lmmrl_megatron.parallel.megatron_state import init_megatron_parallel
 
 
 # Imported once by the fork server; workers inherit them. A module that fails to import is skipped by multiprocessing.
@@ -51,19 +52,6 @@ def _worker_context():
         _context = mp.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
     return _context
-
-
-def init_megatron_parallel(layout: ShardLayout, seed: int = 1234) -> None:
-    """Initialise Megatron-Core's parallel groups and RNG in an already initialised gloo process group."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-    )
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    torch.manual_seed(seed)
 
 
 def _worker(

@@ -149,8 +149,9 @@ def vocab_parallel_log_probs(
 
 def gather_vocab_parallel_logits(logits: Tensor, vocab_size: int, tp_group: ProcessGroup | None = None) -> Tensor:
     """All TP ranks' vocab slices concatenated, padding columns dropped: [..., vocab_size] (no autograd)."""
-    if tp_group is None or dist.get_world_size(tp_group) == 1:
+    _, group = _tp_rank_and_group(tp_group)
+    if group is None:
         return logits[..., :vocab_size]
-    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(tp_group))]
-    dist.all_gather(parts, logits.contiguous(), group=tp_group)
+    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, logits.contiguous(), group=group)
     return torch.cat(parts, dim=-1)[..., :vocab_size]

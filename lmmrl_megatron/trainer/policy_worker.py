@@ -106,7 +106,8 @@ class PolicyWorker:
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, int]:
         from megatron.core import parallel_state as ps
-        from megatron.core import tensor_parallel
+
+        from lmmrl_megatron.parallel.megatron_state import init_megatron_parallel
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size))
@@ -121,13 +122,7 @@ class PolicyWorker:
             backend = "gloo"
         torch.distributed.init_process_group(backend, rank=self.rank, world_size=self.world_size)
         parallel = self.config.parallel
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=parallel.tp,
-            pipeline_model_parallel_size=parallel.pp,
-            virtual_pipeline_model_parallel_size=parallel.vpp,
-        )
-        tensor_parallel.model_parallel_cuda_manual_seed(self.config.trainer.seed)
-        torch.manual_seed(self.config.trainer.seed)
+        init_megatron_parallel(parallel.layout, self.config.trainer.seed)
 
         temperature = self.config.rollout.temperature or 1.0
         bf16 = self.config.model.dtype == "bf16"

@@ -92,11 +92,16 @@ def _vision_rule(mcore: str, hf: str | tuple[str, ...], transform: Transform) ->
     return ParamRule(VISION + mcore, tuple(HF_VISION + name for name in sources), transform, "first")
 
 
+def _norm_suffixes(vision: VisionEncoderConfig) -> tuple[str, ...]:
+    """The parameters of a vision norm: LayerNorm (Qwen2-VL) has a bias, RMSNorm (Qwen2.5-VL) not."""
+    return ("weight", "bias") if vision.normalization == "LayerNorm" else ("weight",)
+
+
 def _vision_block_rules(vision: VisionEncoderConfig, block: int) -> list[ParamRule]:
     """The rules of vision block `block`: attention `qkv` packed [q; k; v] in HF, per head in Megatron; the MLP
     width zero-padded to a multiple of TP (`VisionEncoderConfig.padded_intermediate_size`)."""
     ours, theirs = f"decoder.layers.{block}.", f"blocks.{block}."
-    norm_suffixes = ("weight", "bias") if vision.normalization == "LayerNorm" else ("weight",)
+    norm_suffixes = _norm_suffixes(vision)
     qkv = HeadQKV(vision.num_heads, vision.head_dim)
     width = vision.intermediate_size
     rules = []
@@ -127,7 +132,7 @@ def _vision_block_rules(vision: VisionEncoderConfig, block: int) -> list[ParamRu
 def vision_rules(vision: VisionEncoderConfig) -> list[ParamRule]:
     """The vision tower's and patch merger's rules, all on the first chunk. Its blocks are named with their index
     (the `{layer}` of a rule is a decoder layer's)."""
-    norm_suffixes = ("weight", "bias") if vision.normalization == "LayerNorm" else ("weight",)
+    norm_suffixes = _norm_suffixes(vision)
     rules = [_vision_rule("patch_embed.proj.weight", "patch_embed.proj.weight", Copy())]
     for block in range(vision.depth):
         rules += _vision_block_rules(vision, block)
