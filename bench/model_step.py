@@ -458,8 +458,9 @@ def run_shape(name: str, args: argparse.Namespace, peak: float, report: dict) ->
         if profile_it:
             try:
                 key = f"{name} {impl} {recompute}" + (f" fused={fused}" if fused else "")
+                profiled = f"1x{shape.seq} {args.profile_batch}"
                 report.setdefault("profiles", {})[key] = profile_step(
-                    make_step(model, mm, impl), f"{key} 1x{shape.seq} mm", device)
+                    make_step(model, batches.get(profiled, mm), impl), f"{key} {profiled}", device)
             except Exception as exc:  # noqa: BLE001 - a profiler failure must not lose the timings
                 print(f"  profile failed: {exc!r}")
             free()
@@ -559,6 +560,7 @@ def main() -> None:
     parser.add_argument("--parity-shapes", default="3b,7b,tiny")
     parser.add_argument("--profile", action="store_true", help="profile one step of each implementation")
     parser.add_argument("--profile-shapes", default="3b,tiny")
+    parser.add_argument("--profile-batch", default="mm", choices=("mm", "text"), help="the batch profiled")
     parser.add_argument("--fused", default="on,off",
                         help="ours: comma list of on (models/qwen_vl/fused.py layers), off (Megatron's unfused ones)")
     parser.add_argument("--no-vision-only", action="store_true", help="skip timing the vision tower alone")

@@ -11,6 +11,8 @@
 set -euo pipefail
 dest="${1:-.whl}"
 py="${PY:-python3.12}"
+# pyenv keeps 3.12 off PATH unless it is selected
+if ! "$py" -c '' 2>/dev/null && [ -z "${PY:-}" ]; then export PYENV_VERSION=3.12.1; fi
 wheels=(trl==1.16.0)
 if [ "${WITH_ACCELERATE:-1}" = 1 ]; then wheels+=(accelerate==1.16.0); fi
 mkdir -p "$dest"

@@ -169,10 +169,9 @@ class MegatronLearner:
     def _token_stats(self, output: Tensor, micro_batch: MicroBatch) -> tuple[Tensor, Tensor | None]:
         if self.head == "values":
             return output.squeeze(-1).float(), None
-        # keep_logits=False: the schedule reads the logits no further, so fp32 logits are worked on in place
         return vocab_parallel_log_probs(
             output, micro_batch.labels, self.num_real_vocab, self.tp_group, self.temperature,
-            self.excluded_token_ids, with_entropy=True, keep_logits=False,
+            self.excluded_token_ids, with_entropy=True,
         )
 
     def _run(self, micro_batches: list[MicroBatch], loss_fn: LossFn | None, forward_only: bool) -> list[dict]:

@@ -22,6 +22,7 @@ S x S mask is ever built.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # torch >= 2.10 ships flash/cuDNN varlen attention with autograd
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -42,6 +44,12 @@ except ImportError:  # pragma: no cover - depends on the installed torch
     _varlen_attn = None
 # Its keywords changed across releases: causality was `is_causal` before `window_size`, GQA came later.
 _VARLEN_PARAMS = frozenset(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else frozenset()
+
+# On CUDA, cuDNN's fused attention first: on Hopper its forward + backward is the fastest SDPA kernel for the
+# decoder's causal GQA shapes (bench/kernels.py); SDPA falls through to the next backend for inputs a kernel refuses.
+_CUDA_BACKEND_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH
+]
 
 # `enable_gqa` lets SDPA share each KV head across its query group without copying KV (torch >= 2.5).
 _SDPA_SUPPORTS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -170,15 +178,15 @@ class SdpaAttention(MegatronModule):
             v = v.repeat_interleave(num_rep, dim=-3)
         dropout_p = self.dropout_p if self.training else 0.0
         kwargs = {"enable_gqa": True} if use_gqa else {}
-        if dropout_p > 0.0 and not self.config.sequence_parallel:
-            # Heads are split over TP ranks, so each rank needs its own dropout stream (as DotProductAttention).
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                return F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale, **kwargs
-                )
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale, **kwargs
-        )
+        with contextlib.ExitStack() as stack:
+            if q.is_cuda:
+                stack.enter_context(sdpa_kernel(_CUDA_BACKEND_PRIORITY, set_priority=True))
+            if dropout_p > 0.0 and not self.config.sequence_parallel:
+                # Heads are split over TP ranks: each rank needs its own dropout stream (as DotProductAttention).
+                stack.enter_context(tensor_parallel.get_cuda_rng_tracker().fork())
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale, **kwargs
+            )
 
     # ----------------------------------------------------------------------------------------------------------
     # Packed sequences

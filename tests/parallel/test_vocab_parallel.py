@@ -134,15 +134,39 @@ def test_entropy_gradient_alone_is_exact_and_finite_under_a_large_scale() -> Non
     torch.testing.assert_close(ours.grad[..., :REAL_VOCAB] / scale, ref.grad[..., :REAL_VOCAB], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("keep_logits", [True, False])
-def test_fp32_logits_are_overwritten_only_when_not_kept(keep_logits: bool) -> None:
-    logits, labels, _, _ = make_inputs()
-    logits = logits.float()
-    before = logits.clone()
-    kept, _ = vocab_parallel_log_probs(before.clone(), labels, REAL_VOCAB)
-    logp, _ = vocab_parallel_log_probs(logits, labels, REAL_VOCAB, keep_logits=keep_logits)
-    assert torch.equal(logp, kept)
-    assert torch.equal(logits, before) == keep_logits
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_are_left_unchanged_and_the_gradient_has_their_dtype(dtype: torch.dtype) -> None:
+    """The input is saved for backward as it came: never overwritten, no fp32 copy; bf16 logits are read in fp32."""
+    logits, labels, w_lp, _ = make_inputs()
+    logits = logits.to(dtype).requires_grad_()
+    before = logits.detach().clone()
+    logp, _ = vocab_parallel_log_probs(logits, labels, REAL_VOCAB, temperature=TEMPERATURE)
+    (logp * w_lp.float()).sum().backward()
+    assert torch.equal(logits.detach(), before)
+    assert logp.dtype == torch.float32 and logits.grad.dtype == dtype
+    exact = before.double()[..., :REAL_VOCAB].requires_grad_()  # the reference on the very same (rounded) values
+    exact_logp = torch.log_softmax(exact / TEMPERATURE, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (exact_logp * w_lp).sum().backward()
+    torch.testing.assert_close(logp.double(), exact_logp.detach(), rtol=1e-5, atol=1e-5)
+    grad_tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(logits.grad[..., :REAL_VOCAB].double(), exact.grad, **grad_tol)
+    assert torch.all(logits.grad[..., REAL_VOCAB:] == 0)
+
+
+def test_long_rows_run_in_pieces_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager bodies run over pieces of rows (bounded temporaries); the split changes no figure."""
+    from lmmrl_megatron.parallel import vocab_parallel
+
+    logits, labels, w_lp, w_ent = make_inputs()
+    results = []
+    for piece_elements in (2**25, PADDED_VOCAB * 3):  # one piece; pieces of 3 rows (10 rows: 3 + 3 + 3 + 1)
+        monkeypatch.setattr(vocab_parallel, "_PIECE_ELEMENTS", piece_elements)
+        x = logits.clone().requires_grad_()
+        logp, entropy = vocab_parallel_log_probs(x, labels, REAL_VOCAB, temperature=TEMPERATURE, with_entropy=True)
+        ((logp * w_lp).sum() + (entropy * w_ent).sum()).backward()
+        results.append((logp, entropy, x.grad))
+    for one, pieces in zip(*results):
+        torch.testing.assert_close(one, pieces, rtol=0, atol=0)
 
 
 def test_temperature_must_be_positive() -> None:

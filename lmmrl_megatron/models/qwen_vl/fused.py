@@ -24,9 +24,7 @@ matches the unfused one to rounding (tests/models/test_fused_decoder.py).
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,33 +33,8 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 from torch import Tensor
 
+from lmmrl_megatron.maybe_compiled import MaybeCompiled
 from lmmrl_megatron.models.qwen_vl.spec import RMSNorm
-
-logger = logging.getLogger(__name__)
-
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
-
-
-class _MaybeCompiled:
-    """`fn` through `torch.compile` on CUDA tensors when Triton is present; eager otherwise or after a failure."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        self.compiled: Callable[..., Any] | None = None
-        self.enabled = _HAVE_TRITON and torch.cuda.is_available()
-
-    def __call__(self, *args: Tensor) -> Any:
-        if not (self.enabled and args[0].is_cuda):
-            return self.fn(*args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True)  # RL lengths vary: one symbolic-shape graph
-        try:
-            return self.compiled(*args)
-        except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop training: run eagerly
-            logger.warning("torch.compile of %s failed (%r); running it eagerly", self.fn.__name__, exc)
-            self.enabled = False
-            return self.fn(*args)
-
 
 # ---------------------------------------------------------------------------------------------- rotary
 
@@ -89,8 +62,8 @@ def _rope_backward(grad_q: Tensor, grad_k: Tensor, cos: Tensor, sin: Tensor) -> 
     )
 
 
-_rope_forward_kernel = _MaybeCompiled(_rope_forward)
-_rope_backward_kernel = _MaybeCompiled(_rope_backward)
+_rope_forward_kernel = MaybeCompiled(_rope_forward)
+_rope_backward_kernel = MaybeCompiled(_rope_backward)
 
 
 class _FusedRope(torch.autograd.Function):
@@ -210,8 +183,8 @@ def _swiglu_backward(grad: Tensor, x: Tensor) -> Tensor:
     return torch.cat((torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)), dim=-1)
 
 
-_swiglu_forward_kernel = _MaybeCompiled(_swiglu_forward)
-_swiglu_backward_kernel = _MaybeCompiled(_swiglu_backward)
+_swiglu_forward_kernel = MaybeCompiled(_swiglu_forward)
+_swiglu_backward_kernel = MaybeCompiled(_swiglu_backward)
 
 
 class _FusedSwiGLU(torch.autograd.Function):
@@ -325,8 +298,8 @@ def _rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, eps: float) -> t
     return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
 
 
-_rms_norm_forward_kernel = _MaybeCompiled(_rms_norm_forward)
-_rms_norm_backward_kernel = _MaybeCompiled(_rms_norm_backward)
+_rms_norm_forward_kernel = MaybeCompiled(_rms_norm_forward)
+_rms_norm_backward_kernel = MaybeCompiled(_rms_norm_backward)
 
 
 class _FusedRMSNorm(torch.autograd.Function):

@@ -247,10 +247,7 @@ class QwenVLModel(MegatronModule):
         log_probs = None
         if labels is not None:
             tp_group = parallel_state.get_tensor_model_parallel_group()
-            # keep_logits=False when they are not returned: fp32 logits are then worked on in place
-            log_probs, _ = vocab_parallel_log_probs(
-                logits, labels, self.vocab_size, tp_group, keep_logits=return_logits
-            )
+            log_probs, _ = vocab_parallel_log_probs(logits, labels, self.vocab_size, tp_group)
         if packed_batch is not None:
             if log_probs is not None:
                 log_probs = unpack_to_padded(log_probs, packed_batch)

@@ -1,0 +1,46 @@
+"""Element-wise and reduction bodies that run through `torch.compile` on CUDA and eagerly everywhere else.
+
+    kernel = MaybeCompiled(body)      # body: a plain torch function of tensors (and constants)
+    out = kernel(x, ...)              # compiled (one Triton kernel or a few) when x is a CUDA tensor
+
+On CUDA with Triton importable, the body goes through `torch.compile(dynamic=True)` (RL batch lengths vary: one
+symbolic-shape graph). On CPU, without Triton, or after the compiler fails once (logged), the same function runs
+eagerly, so the CPU tests exercise the very code the GPU compiles; only the kernel fusion differs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any, Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+class MaybeCompiled:
+    """`fn` through `torch.compile` on CUDA tensors when Triton is present; eager otherwise or after a failure."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., Any] | None = None
+        self.enabled = HAVE_TRITON and torch.cuda.is_available()
+
+    def compiles_for(self, x: torch.Tensor) -> bool:
+        """Whether a call whose first argument is `x` goes through the compiler."""
+        return self.enabled and x.is_cuda
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.compiles_for(args[0]):
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True)
+        try:
+            return self.compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop training: run eagerly
+            logger.warning("torch.compile of %s failed (%r); running it eagerly", self.fn.__name__, exc)
+            self.enabled = False
+            return self.fn(*args)
