@@ -10,6 +10,8 @@
    against the fp32 math kernel on the same inputs.
 2. Label log-probs of [tokens, vocab] bf16 logits, forward + backward: our `vocab_parallel_log_probs` (the
    trainer's loss path) against `F.cross_entropy` over fp32 logits (what transformers' loss does).
+3. The fused decoder's element-wise bodies (models/qwen_vl/fused.py) as `MaybeCompiled` runs them (feature width
+   static), through `torch.compile(dynamic=True)` with every dimension symbolic, and eagerly.
 
 Each row: mean ms of `--iters` timed runs after `--warmup`, and TFLOP/s for attention (causal: 2 * 2 * s^2 * H * d
 / 2 forward, 2.5x that backward).
@@ -126,6 +128,47 @@ def log_prob_rows(args: argparse.Namespace, clock: Clock) -> list[str]:
     return rows
 
 
+def _bytes(*tensors) -> int:
+    flat = [t for item in tensors for t in (item if isinstance(item, (tuple, list)) else (item,))]
+    return sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+
+
+def elementwise_rows(args: argparse.Namespace, clock: Clock) -> list[str]:
+    """The fused decoder's element-wise bodies on the 3B text shapes: ms and achieved GB/s (inputs + outputs),
+    through MaybeCompiled (feature width static), through torch.compile with every dimension symbolic, and eager."""
+    from lmmrl_megatron.maybe_compiled import MaybeCompiled
+    from lmmrl_megatron.models.qwen_vl import fused
+
+    t, dt, dev = args.tokens, args.dtype, args.device
+    gen = torch.Generator(device="cpu").manual_seed(2)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dev, dt)
+
+    x_mlp, g_mlp = rand(t, 1, 2 * 11008), rand(t, 1, 11008)
+    q, k, cos, sin = rand(t, 1, 16, 128), rand(t, 1, 2, 128), rand(t, 1, 1, 128), rand(t, 1, 1, 128)
+    h, w = rand(t, 1, 2048), rand(2048)
+    cases = {
+        "swiglu forward": (fused._swiglu_forward, (x_mlp,)),
+        "swiglu backward": (fused._swiglu_backward, (g_mlp, x_mlp)),
+        "rope forward (q, k)": (fused._rope_forward, (q, k, cos, sin)),
+        "rope backward (q, k)": (fused._rope_backward, (q, k, cos, sin)),
+        "rmsnorm forward": (fused._rms_norm_forward, (h, w, 1e-6)),
+        "rmsnorm backward": (fused._rms_norm_backward, (h, h, w, 1e-6)),
+    }
+    rows = []
+    for label, (fn, inputs) in cases.items():
+        moved = _bytes(inputs, fn(*inputs))
+        figures = []
+        static = MaybeCompiled(fn, device_type=dev)
+        symbolic = torch.compile(fn, dynamic=True)
+        for run in (lambda: static(*inputs), lambda: symbolic(*inputs), lambda: fn(*inputs)):
+            ms = mean_ms(run, clock, args.warmup, args.iters)
+            figures.append(f"{ms:.3f} ms, {moved / ms / 1e6:.0f} GB/s")
+        rows.append(f"| {label} | {moved / 2**20:.0f} | " + " | ".join(figures) + " |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,6 +192,9 @@ def main() -> None:
     lines += ["", f"| log-probs of {args.tokens} x {args.vocab} logits | fwd+bwd ms | peak GiB | ours vs cross_entropy |",
               "| --- | --- | --- | --- |"]
     lines += log_prob_rows(args, clock)
+    lines += ["", f"| element-wise body, {args.tokens} tokens (3B) | MiB moved | static width (ours) | "
+              "all dimensions symbolic | eager |", "| --- | --- | --- | --- | --- |"]
+    lines += elementwise_rows(args, clock)
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -4,7 +4,10 @@
     out = kernel(x, ...)              # compiled (one Triton kernel or a few) when x is a CUDA tensor
 
 On CUDA with Triton importable, the body goes through `torch.compile(dynamic=True)` (RL batch lengths vary: one
-symbolic-shape graph). On CPU, without Triton, or after the compiler fails once (logged), the same function runs
+symbolic-shape graph) with the last dimension of every tensor of two or more dimensions marked static: that is
+the feature width (hidden, SwiGLU's two halves, head_dim, vocabulary shard), fixed per model, and the bodies
+split, concatenate and reduce along it. A symbolic width makes every element's index a division by a runtime
+value and costs 2-5x in those kernels (bench/kernels.py). On CPU, without Triton, or after the compiler fails once (logged), the same function runs
 eagerly, so the CPU tests exercise the very code the GPU compiles; only the kernel fusion differs.
 """
 
@@ -15,6 +18,7 @@ import logging
 from typing import Any, Callable
 
 import torch
+import torch._dynamo
 
 logger = logging.getLogger(__name__)
 
@@ -24,20 +28,24 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 class MaybeCompiled:
     """`fn` through `torch.compile` on CUDA tensors when Triton is present; eager otherwise or after a failure."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], device_type: str = "cuda") -> None:
         self.fn = fn
+        self.device_type = device_type  # "cpu" only in tests: inductor's C++ backend checks the same graphs
         self.compiled: Callable[..., Any] | None = None
-        self.enabled = HAVE_TRITON and torch.cuda.is_available()
+        self.enabled = device_type == "cpu" or (HAVE_TRITON and torch.cuda.is_available())
 
     def compiles_for(self, x: torch.Tensor) -> bool:
         """Whether a call whose first argument is `x` goes through the compiler."""
-        return self.enabled and x.is_cuda
+        return self.enabled and x.device.type == self.device_type
 
     def __call__(self, *args: Any) -> Any:
         if not self.compiles_for(args[0]):
             return self.fn(*args)
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, dynamic=True)
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dim() >= 2:
+                torch._dynamo.mark_static(arg, arg.dim() - 1)
         try:
             return self.compiled(*args)
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop training: run eagerly
