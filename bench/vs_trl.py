@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--work", default="outputs/bench_vs_trl")
     parser.add_argument("--out", help="also write the table here: .json, else markdown")
     parser.add_argument("--ours-backend", choices=("vllm", "hf"), help="our rollout engine (default: vllm on cuda, hf on cpu)")
+    parser.add_argument("--ours-micro-batch-tokens", type=int,
+                        help="our trainer.max_tokens_per_micro_batch (default: 8192 on cuda, the tiny config's on cpu)")
     parser.add_argument("--trl-micro-batch", type=int, default=16, help="TRL's per_device_train_batch_size (completions)")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's default; off here as in ours")
     parser.add_argument("--trl-vllm-memory", type=float, default=0.3, help="TRL's vllm_gpu_memory_utilization")
@@ -91,6 +93,7 @@ def run_ours(args: argparse.Namespace, overrides: list[str]) -> dict:
     model_dir, data_dir = prepare(work, args.shape, dtype_of(args))
     backend = args.ours_backend or ("vllm" if args.device == "cuda" else "hf")
     num_steps = args.warmup + args.steps
+    micro_tokens = args.ours_micro_batch_tokens or (8192 if args.device == "cuda" else None)
     config = build_config(
         model_dir, data_dir, work / f"run_ours_{int(time.time())}", dtype=dtype_of(args),
         gpus=1 if args.device == "cuda" else 0, steps=num_steps, prompts=args.prompts, n=args.n,
@@ -99,6 +102,8 @@ def run_ours(args: argparse.Namespace, overrides: list[str]) -> dict:
             f"rollout.backend={backend}",
             "algorithm.advantage_estimator=grpo",  # TRL's estimator; kl_coef is 0 in both
             f"trainer.seed={SEED}",
+            # the embedded default's 2048-token micro-batches are for CPU; on a GPU, about TRL's 16 completions
+            *([f"trainer.max_tokens_per_micro_batch={micro_tokens}"] if micro_tokens else []),
             *overrides,
         ],
     )
@@ -109,7 +114,7 @@ def run_ours(args: argparse.Namespace, overrides: list[str]) -> dict:
     )
     phases = sorted({key for r in records for key in r if key.startswith("time/")})
     result["phases_s"] = {key: sum(r.get(key, 0.0) for r in records[args.warmup:]) / args.steps for key in phases}
-    result["detail"] = f"rollout.backend={backend}"
+    result["detail"] = f"rollout.backend={backend}, micro-batch {config.trainer.max_tokens_per_micro_batch} tokens"
     return result
 
 
