@@ -23,10 +23,12 @@ Terms (bytes per parameter of this rank; `params.py` counts the parameters):
                  (h-terms / TP under sequence parallelism, d-terms per token, the rest / TP); the final norm 8h on
                  the last stage; full recompute keeps the 2h layer input per layer plus one layer's worth; 1F1B
                  keeps (pp - stage) micro-batches in flight on a stage
-    logits       fp32 log-softmax over this rank's vocabulary slice (`parallel/vocab_parallel.py`): 10 bytes per
-                 token and vocabulary column at the forward peak (bf16 logits, the fp32 working copy, exp), 10 in
-                 backward (bf16 logits, saved log p, p); measured by `bench/logprob_memory.py` (CPU peak RSS at
-                 256 x 151936; it gave 25 and 31 for the implementation before, as `bench/plan_check.py` on an H200)
+    logits       the log-prob pass over this rank's vocabulary slice (`parallel/vocab_parallel.py`): the bf16 logits
+                 (2 bytes per token and vocabulary column) in forward, the logits and their bf16 gradient (4) in
+                 backward, plus LOGITS_PIECES for the fp32 temporaries of the eager kernels (row pieces of at most
+                 2**25 elements; nothing when compiled). `bench/logprob_memory.py` (CPU, eager, 256 and 1024 x
+                 151936) fits 2.0 bytes + 0.54 GB forward and 3.3 bytes + 0.87 GB backward; an fp32 working copy
+                 gave 10 / 10 before, and 25 / 31 the implementation before that
     adam temp    4 per trainable parameter / DP: torch's foreach Adam's sqrt(v) temporaries at the step
     buckets      buckets in flight (2 with cuda_ipc) x weight_sync_bucket_mb (or the largest parameter when larger:
                  the export packs whole parameters), at most the whole model; under TP > 1 also the gathered
@@ -53,7 +55,8 @@ PHASES = ("generate", "logprob", "train", "sync")
 CUDA_CONTEXT = int(0.75 * GiB)
 VLLM_ASLEEP = int(1.0 * GiB)
 VLLM_RESERVE = int(2.5 * GiB)  # vLLM's profiled activation peak and non-torch memory inside its budget
-LOGITS_FWD_BYTES, LOGITS_BWD_BYTES = 10, 10
+LOGITS_FWD_BYTES, LOGITS_BWD_BYTES = 2, 4
+LOGITS_PIECES = int(1.0 * GiB)
 # Terms PyTorch's caching allocator of the trainer process holds (torch.cuda.max_memory_allocated sees these).
 ALLOCATOR_TERMS = ("weights", "grads", "optimizer", "activations", "logits", "adam temp", "buckets")
 
@@ -138,7 +141,7 @@ def train_activations(qwen: QwenVLConfig, config: RunConfig, stage: StageParams)
 
 def _logits(qwen: QwenVLConfig, config: RunConfig, per_column: int) -> int:
     vocab = padded_vocab_size(qwen.text.vocab_size, config.parallel.tp) // config.parallel.tp
-    return per_column * config.trainer.max_tokens_per_micro_batch * vocab
+    return per_column * config.trainer.max_tokens_per_micro_batch * vocab + LOGITS_PIECES
 
 
 def _buckets(config: RunConfig, stage: StageParams, total_params: int) -> int:
