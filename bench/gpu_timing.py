@@ -36,6 +36,14 @@ class Clock:
         return start.elapsed_time(end) / 1e3
 
 
+def time_steps(step: Callable[[], Any], clock: Clock, warmup: int, iters: int) -> list[float]:
+    """Seconds of each of `iters` calls of `step` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    clock.sync()
+    return [clock.time(step) for _ in range(iters)]
+
+
 def matmul_peak(device: str, dtype: torch.dtype, n: int, warmup: int = 5, iters: int = 20) -> float:
     """FLOP/s of an n^3 matmul on random data: mean over `iters` timed products after `warmup`."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)

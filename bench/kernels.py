@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_timing import Clock  # noqa: E402
+from gpu_timing import Clock, time_steps  # noqa: E402
 
 SHAPES = {"3b": (16, 2, 128), "7b": (28, 4, 128)}
 BACKENDS = {
@@ -42,10 +42,7 @@ BACKENDS = {
 
 
 def mean_ms(fn: Callable[[], object], clock: Clock, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    clock.sync()
-    return 1e3 * sum(clock.time(fn) for _ in range(iters)) / iters
+    return 1e3 * sum(time_steps(fn, clock, warmup, iters)) / iters
 
 
 def attention_inputs(tokens: int, heads: int, kv_heads: int, dim: int, device: str, dtype: torch.dtype):
@@ -55,14 +52,18 @@ def attention_inputs(tokens: int, heads: int, kv_heads: int, dim: int, device: s
     return q, k, v, grad
 
 
-def run_attention(q, k, v, grad, backend: SDPBackend | None, gqa: bool) -> tuple[torch.Tensor, ...]:
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+def _sdpa(q, k, v, backend: SDPBackend | None, gqa: bool) -> torch.Tensor:
+    """Causal SDPA through one backend (None: fp32 math), KV shared by `enable_gqa` or repeated to the heads."""
     rep = q.size(1) // k.size(1)
     kk, vv = (k, v) if gqa else (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
     kwargs = {"enable_gqa": True} if gqa and rep > 1 else {}
-    backends = [backend] if backend is not None else [SDPBackend.MATH]
-    with sdpa_kernel(backends):
-        out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, **kwargs)
+    with sdpa_kernel([backend if backend is not None else SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, **kwargs)
+
+
+def run_attention(q, k, v, grad, backend: SDPBackend | None, gqa: bool) -> tuple[torch.Tensor, ...]:
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = _sdpa(q, k, v, backend, gqa)
     out.backward(grad)
     return out, q.grad, k.grad, v.grad
 
@@ -92,11 +93,7 @@ def attention_rows(args: argparse.Namespace, clock: Clock) -> list[str]:
 
 def _forward_only(q, k, v, backend, gqa):
     with torch.no_grad():
-        rep = q.size(1) // k.size(1)
-        kk, vv = (k, v) if gqa else (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
-        kwargs = {"enable_gqa": True} if gqa and rep > 1 else {}
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, **kwargs)
+        return _sdpa(q, k, v, backend, gqa)
 
 
 def log_prob_rows(args: argparse.Namespace, clock: Clock) -> list[str]:

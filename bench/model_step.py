@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: the repo's package
 
-from gpu_timing import Clock, matmul_peak, profile_step  # noqa: E402 - bench/ is on sys.path as the script's dir
+from gpu_timing import Clock, matmul_peak, profile_step, time_steps  # noqa: E402 - bench/ is on sys.path as the script's dir
 
 QWEN_IDS = dict(bos=151643, eos=151645, image=151655, video=151656, vision_start=151652, vision_end=151653)
 TINY_IDS = dict(bos=490, eos=491, image=500, video=501, vision_start=502, vision_end=503)
@@ -212,13 +212,6 @@ class Result:
     peak_mem_gib: float = float("nan")
     flops: dict = field(default_factory=dict)
     error: str = ""
-
-
-def time_steps(step: Callable[[], None], clock: Clock, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    clock.sync()
-    return [clock.time(step) for _ in range(iters)]
 
 
 def bench(result: Result, step: Callable[[], None], flops: Flops, tokens: int, args: argparse.Namespace,

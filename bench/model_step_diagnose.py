@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from gpu_timing import Clock, matmul_peak  # bench/ is on sys.path when this file runs as a script
+from gpu_timing import Clock, matmul_peak, time_steps  # bench/ is on sys.path when this file runs as a script
 from model_step import (
     SHAPES,
     Batch,
@@ -53,11 +53,7 @@ def alternate(models: dict[str, Any], batches: dict[str, Batch], shape_name: str
     for rep in range(reps):
         for label, batch in batches.items():
             for impl, model in models.items():
-                step = make_step(model, batch, impl)
-                for _ in range(warmup):
-                    step()
-                clock.sync()
-                seconds = sorted(clock.time(step) for _ in range(iters))
+                seconds = sorted(time_steps(make_step(model, batch, impl), clock, warmup, iters))
                 model.zero_grad(set_to_none=True)
                 mean = sum(seconds) / len(seconds)
                 flops = step_flops(SHAPES[shape_name], batch).total
@@ -151,10 +147,7 @@ def gc_frozen(model, batch: Batch, impl: str, device: str, warmup: int, iters: i
     gc.freeze()
     gc.disable()
     try:
-        for _ in range(warmup):
-            step()
-        clock.sync()
-        seconds = sorted(clock.time(step) for _ in range(iters))
+        seconds = sorted(time_steps(step, clock, warmup, iters))
     finally:
         gc.enable()
         gc.unfreeze()

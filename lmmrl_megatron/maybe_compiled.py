@@ -8,8 +8,10 @@ symbolic-shape graph) with the last dimension of every tensor of two or more dim
 the feature width (hidden, SwiGLU's two halves, head_dim, vocabulary shard), fixed per model, and the bodies
 split, concatenate and reduce along it. Each width then gets its own graph (the vision blocks' and the decoder's)
 instead of one symbolic graph for both: on the H200 SwiGLU's backward in a 3B text step went from 19.2 to 7.2 ms
-of GPU time per step with this (bench/model_step.py --profile, docs/benchmarks.md). On CPU, without Triton, or after the compiler fails once (logged), the same function runs
-eagerly, so the CPU tests exercise the very code the GPU compiles; only the kernel fusion differs.
+of GPU time per step with this (bench/model_step.py --profile, docs/benchmarks.md).
+
+On CPU, without Triton, or after the compiler fails once (logged), the same function runs eagerly, so the CPU
+tests exercise the very code the GPU compiles; only the kernel fusion differs.
 """
 
 from __future__ import annotations
