@@ -4,13 +4,16 @@
     python bench/model_step.py --tiny                 # CPU: tiny shapes, fp32, the same code path (a smoke test)
     python bench/model_step.py --shapes 3b --recompute none,selective --json out.json
     python bench/model_step.py --shapes 3b --recompute none --fused on,off --out table.md   # before/after fusion
+    python bench/model_step.py --shapes 3b --recompute none --fused on --cuda-graphs off,on  # decoder CUDA graphs
 
 One run does, in order: the GPU's bf16 matmul peak (8192^3, warm-ups then the mean of timed products); then for
 each shape: transformers' `Qwen2_5_VLForConditionalGeneration` (attn_implementation="sdpa", bf16, gradient
 checkpointing off) built from a seed and timed; our `QwenVLModel` at TP=1 built and loaded with the SAME weights
 (`load_hf_state_dict`), the per-token log-prob parity of both on fixed batches, then ours timed at each recompute
 setting and each `--fused` setting (on: `models/qwen_vl/fused.py`'s layers, the default build; off: Megatron's
-unfused local layers; both hold the same weights and get their own parity lines). Random weights: nothing is
+unfused local layers; both hold the same weights and get their own parity lines), and with `--cuda-graphs on` with
+the decoder replayed from CUDA graphs too (a graph parity line: its log-probs and gradients against the eager
+step's, beside two eager steps' own difference). Random weights: nothing is
 downloaded. Megatron's parallel state runs with world size 1 (NCCL on GPU,
 gloo on CPU). A step is: zero grads, forward, log-probs of the labels (fp32), loss = -mean, backward. No optimizer.
 
@@ -204,6 +207,7 @@ class Result:
     batch: str
     recompute: str
     fused: str = ""  # ours: "on" = models/qwen_vl/fused.py's layers, "off" = Megatron's unfused local layers
+    graphs: str = ""  # ours: "on" = the decoder replayed from CUDA graphs (models/decoder_graphs.py), "off" = eager
     step_s: float = float("nan")
     step_s_median: float = float("nan")
     tokens_per_s: float = float("nan")
@@ -233,7 +237,7 @@ def bench(result: Result, step: Callable[[], None], flops: Flops, tokens: int, a
     result.flops = asdict(flops)
     if args.device == "cuda":
         result.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
-    print(f"  {result.impl:5s} {result.fused:3s} {result.batch:12s} {result.recompute:9s} step {mean * 1e3:8.1f} ms "
+    print(f"  {result.impl:5s} {result.fused:3s} {result.graphs:3s} {result.batch:12s} {result.recompute:9s} step {mean * 1e3:8.1f} ms "
           f"(median {result.step_s_median * 1e3:.1f}, min {min(seconds) * 1e3:.1f}, max {max(seconds) * 1e3:.1f}) "
           f"{result.tokens_per_s:9.0f} tok/s {result.tflops:7.1f} TFLOP/s MFU {result.mfu:6.1%} "
           f"mem {result.peak_mem_gib:5.1f} GiB", flush=True)
@@ -329,13 +333,14 @@ def init_megatron(device: str, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def build_ours(qwen_config, dtype: str, device: str, recompute: str, fused: bool = True):
+def build_ours(qwen_config, dtype: str, device: str, recompute: str, fused: bool = True, graphs: bool = False):
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
     from lmmrl_megatron.parallel.layout import ShardLayout
 
     options = QwenVLBuildOptions(layout=ShardLayout(tp=1, pp=1), dtype=dtype, recompute=recompute, fused_kernels=fused,
-                                 use_cpu_initialization=device == "cpu", perform_initialization=False)
+                                 cuda_graphs=graphs, use_cpu_initialization=device == "cpu",
+                                 perform_initialization=False)
     return QwenVLModel(qwen_config, options, pre_process=True, post_process=True)
 
 
@@ -405,6 +410,35 @@ def parity(hf, ours, batch: Batch, vocab: int) -> dict[str, float]:
                 num_scored=int(scored.sum()))
 
 
+def graph_parity(model, batches: dict[str, Batch], prefix: str) -> dict[str, dict[str, float]]:
+    """Training-mode log-probs and every parameter gradient of a step, the decoder eager vs replayed from graphs."""
+    graphs = model.decoder_graphs
+    out: dict[str, dict[str, float]] = {}
+    for label, batch in batches.items():
+        runs = []
+        for enabled in (False, True, False):  # the second eager run gives the noise floor (bf16 atomics)
+            graphs.enabled = enabled
+            model.zero_grad(set_to_none=True)
+            log_probs = ours_forward(model, batch).log_probs
+            loss_of(log_probs, batch).backward()
+            grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+            runs.append((log_probs.detach().float(), grads))
+        (lp_eager, g_eager), (lp_graph, g_graph), (_, g_again) = runs
+        assert g_eager.keys() == g_graph.keys(), "graphed and eager steps gave gradients to different parameters"
+
+        def worst(grads: dict[str, torch.Tensor]) -> float:
+            return max(float((grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-30)) for n, g in g_eager.items())
+
+        scored = batch.labels >= 0
+        out[f"{prefix} {label}"] = diffs = dict(
+            max_abs_log_prob=float((lp_graph - lp_eager)[scored].abs().max()), max_rel_grad=worst(g_graph),
+            max_rel_grad_eager_again=worst(g_again), graphs=graphs.num_graphs, replays=graphs.num_replays)
+        print(f"  graph parity {prefix} {label}: {json.dumps(diffs)}", flush=True)
+        model.zero_grad(set_to_none=True)
+        free()
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -436,21 +470,23 @@ def run_shape(name: str, args: argparse.Namespace, peak: float, report: dict) ->
           f"tokens, images {shape.image_grids} patches ({n_img} patches, {n_img // 4} image tokens), tied={shape.tied}",
           flush=True)
 
-    def bench_all(model, impl: str, recompute: str, profile_it: bool, fused: str = "") -> None:
+    def bench_all(model, impl: str, recompute: str, profile_it: bool, fused: str = "", graphs: str = "") -> None:
         for label, batch in batches.items():
             flops = step_flops(shape, batch)
-            results.append(bench(Result(name, impl, label, recompute, fused), make_step(model, batch, impl), flops,
-                                 batch.num_tokens, args, peak))
+            results.append(bench(Result(name, impl, label, recompute, fused, graphs), make_step(model, batch, impl),
+                                 flops, batch.num_tokens, args, peak))
             free()
-        if recompute == "none" and not args.no_vision_only:
+        # The vision tower is never graphed: its row would repeat the eager one.
+        if recompute == "none" and not args.no_vision_only and graphs != "on":
             flops = step_flops(shape, mm, with_text=False)
             patches = int(mm.image_grid_thw.prod(dim=-1).sum())  # tokens/s of this row counts vision patches
-            results.append(bench(Result(name, impl, f"vision {patches}p", recompute, fused),
+            results.append(bench(Result(name, impl, f"vision {patches}p", recompute, fused, graphs),
                                  make_vision_step(model, mm, impl), flops, patches, args, peak))
             free()
         if profile_it:
             try:
-                key = f"{name} {impl} {recompute}" + (f" fused={fused}" if fused else "")
+                key = f"{name} {impl} {recompute}" + (f" fused={fused}" if fused else "") + (
+                    f" graphs={graphs}" if graphs else "")
                 profiled = f"1x{shape.seq} {args.profile_batch}"
                 report.setdefault("profiles", {})[key] = profile_step(
                     make_step(model, batches.get(profiled, mm), impl), f"{key} {profiled}", device)
@@ -459,7 +495,7 @@ def run_shape(name: str, args: argparse.Namespace, peak: float, report: dict) ->
             free()
 
     try:
-        _run_pair(name, shape, args, report, mm, padded, bench_all, torch_dtype)
+        _run_pair(name, shape, args, report, batches, padded, bench_all, torch_dtype)
     except Exception:  # noqa: BLE001 - keep the figures of the other shapes and report this failure
         import traceback
 
@@ -471,13 +507,13 @@ def run_shape(name: str, args: argparse.Namespace, peak: float, report: dict) ->
     return results
 
 
-def _run_pair(name: str, shape: Shape, args: argparse.Namespace, report: dict, mm: Batch, padded: Batch,
-              bench_all: Callable, torch_dtype: torch.dtype) -> None:
+def _run_pair(name: str, shape: Shape, args: argparse.Namespace, report: dict, batches: dict[str, Batch],
+              padded: Batch, bench_all: Callable, torch_dtype: torch.dtype) -> None:
     """transformers' model timed, ours loaded with its weights, parity, then ours timed per recompute setting."""
     from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
     from lmmrl_megatron.models.qwen_vl.loading import load_hf_state_dict
 
-    device = args.device
+    device, mm = args.device, batches[f"1x{shape.seq} mm"]
     start = time.perf_counter()
     hf = build_hf(shape, torch_dtype, device, seed=args.seed)
     hf.train()
@@ -490,13 +526,14 @@ def _run_pair(name: str, shape: Shape, args: argparse.Namespace, report: dict, m
     start = time.perf_counter()
     qwen_config = QwenVLConfig.from_hf_dict(hf.config.to_dict())
     first = args.fused[0]
-    ours = build_ours(qwen_config, args.dtype, device, "none", fused=first == "on")
+    graphs = "on" in args.cuda_graphs
+    ours = build_ours(qwen_config, args.dtype, device, "none", fused=first == "on", graphs=graphs)
     loaded = load_hf_state_dict(ours, hf.state_dict())
     print(f"  ours built and loaded in {time.perf_counter() - start:.1f} s: {loaded.num_params} parameters from "
           f"{loaded.num_hf_tensors} HF tensors, {sum(p.numel() for p in ours.parameters()) / 1e9:.3f} B", flush=True)
     variants = {first: ours}
     for fused in args.fused[1:]:
-        variants[fused] = build_ours(qwen_config, args.dtype, device, "none", fused=fused == "on")
+        variants[fused] = build_ours(qwen_config, args.dtype, device, "none", fused=fused == "on", graphs=graphs)
         copy_weights(ours, variants[fused])
     del ours
     if name in args.parity_shapes:
@@ -516,13 +553,22 @@ def _run_pair(name: str, shape: Shape, args: argparse.Namespace, report: dict, m
         ours = variants.pop(fused)
         for recompute in args.recompute:
             if recompute != "none":
-                variant = build_ours(qwen_config, args.dtype, device, recompute, fused=fused == "on")
+                variant = build_ours(qwen_config, args.dtype, device, recompute, fused=fused == "on", graphs=graphs)
                 copy_weights(ours, variant)
                 del ours
                 ours = variant
                 free()
-            profile_it = args.profile and name in args.profile_shapes and recompute == "none"
-            bench_all(ours, "ours", recompute, profile_it=profile_it, fused=fused)
+            for graphed in args.cuda_graphs:
+                if graphed == "on":
+                    report.setdefault("graph_parity", {}).update(
+                        graph_parity(ours, batches, f"{name} fused={fused} {recompute}"))
+                ours.decoder_graphs.enabled = graphed == "on" if ours.decoder_graphs is not None else False
+                profile_it = args.profile and name in args.profile_shapes and recompute == "none"
+                bench_all(ours, "ours", recompute, profile_it=profile_it, fused=fused, graphs=graphed)
+                if ours.decoder_graphs is not None:
+                    print(f"  decoder graphs: {ours.decoder_graphs.num_graphs} captured, "
+                          f"{ours.decoder_graphs.num_replays} replays, {ours.decoder_graphs.num_eager} eager calls",
+                          flush=True)
             ours.zero_grad(set_to_none=True)
         del ours
         free()
@@ -531,16 +577,17 @@ def _run_pair(name: str, shape: Shape, args: argparse.Namespace, report: dict, m
 def print_table(results: list[Result], peak: float, device_name: str) -> str:
     hf_speed = {(r.shape, r.batch): r.tokens_per_s for r in results if r.impl == "hf" and not r.error}
     lines = [f"device: {device_name}; measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (MFU is over it)", "",
-             "| shape | impl | fused | batch | recompute | step ms | tokens/s | model TFLOP/s | MFU | peak mem GiB "
-             "| vs HF |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| shape | impl | fused | graphs | batch | recompute | step ms | tokens/s | model TFLOP/s | MFU "
+             "| peak mem GiB | vs HF |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if r.error:
-            lines.append(f"| {r.shape} | {r.impl} | {r.fused} | {r.batch} | {r.recompute} | {r.error} | | | | | |")
+            lines.append(f"| {r.shape} | {r.impl} | {r.fused} | {r.graphs} | {r.batch} | {r.recompute} | {r.error} "
+                         "| | | | | |")
             continue
         ref = hf_speed.get((r.shape, r.batch))
         ratio = f"{r.tokens_per_s / ref:.2f}x" if ref and r.impl == "ours" else ""
-        lines.append(f"| {r.shape} | {r.impl} | {r.fused} | {r.batch} | {r.recompute} | {r.step_s * 1e3:.1f} | "
+        lines.append(f"| {r.shape} | {r.impl} | {r.fused} | {r.graphs} | {r.batch} | {r.recompute} | {r.step_s * 1e3:.1f} | "
                      f"{r.tokens_per_s:,.0f} | {r.tflops:.0f} | {r.mfu:.1%} | {r.peak_mem_gib:.1f} | {ratio} |")
     return "\n".join(lines)
 
@@ -556,6 +603,8 @@ def main() -> None:
     parser.add_argument("--profile-batch", default="mm", choices=("mm", "text"), help="the batch profiled")
     parser.add_argument("--fused", default="on,off",
                         help="ours: comma list of on (models/qwen_vl/fused.py layers), off (Megatron's unfused ones)")
+    parser.add_argument("--cuda-graphs", default="off",
+                        help="ours: comma list of off (eager decoder), on (decoder replayed from CUDA graphs; GPU only)")
     parser.add_argument("--no-vision-only", action="store_true", help="skip timing the vision tower alone")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -569,6 +618,9 @@ def main() -> None:
     args.dtype = "bf16" if args.device == "cuda" else "fp32"
     args.recompute = args.recompute.split(",")
     args.fused = args.fused.split(",")
+    args.cuda_graphs = args.cuda_graphs.split(",")
+    if any(g not in ("on", "off") for g in args.cuda_graphs) or len(set(args.cuda_graphs)) != len(args.cuda_graphs):
+        parser.error(f"--cuda-graphs must be a comma list of distinct 'on' / 'off', got {','.join(args.cuda_graphs)!r}")
     if not args.fused or any(f not in ("on", "off") for f in args.fused) or len(set(args.fused)) != len(args.fused):
         parser.error(f"--fused must be a comma list of distinct 'on' / 'off', got {','.join(args.fused)!r}")
     args.parity_shapes, args.profile_shapes = args.parity_shapes.split(","), args.profile_shapes.split(",")
@@ -598,9 +650,9 @@ def main() -> None:
     report["peak_flops_end"] = peak_after
     report["results"] = [asdict(r) for r in results]
     table = print_table(results, peak, device_name)
-    parity_lines = [f"parity {key}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                  for k, v in diffs.items())
-                    for key, diffs in report.get("parity", {}).items()]
+    parity_lines = [f"{kind.replace('_', ' ')} {key}: "
+                    + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in diffs.items())
+                    for kind in ("parity", "graph_parity") for key, diffs in report.get(kind, {}).items()]
     print("\n" + table)
     print("\n".join(parity_lines))
     if args.out:

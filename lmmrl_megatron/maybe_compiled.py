@@ -10,6 +10,9 @@ split, concatenate and reduce along it. Each width then gets its own graph (the 
 instead of one symbolic graph for both: on the H200 SwiGLU's backward in a 3B text step went from 19.2 to 7.2 ms
 of GPU time per step with this (bench/model_step.py --profile, docs/benchmarks.md).
 
+While a CUDA graph is being captured (models/decoder_graphs.py) nothing is compiled: a call that would need a new
+graph runs the eager body, which the capture records like any other kernels.
+
 On CPU, without Triton, or after the compiler fails once (logged), the same function runs eagerly, so the CPU
 tests exercise the very code the GPU compiles; only the kernel fusion differs.
 """
@@ -49,6 +52,11 @@ class MaybeCompiled:
         for arg in args:
             if isinstance(arg, torch.Tensor) and arg.dim() >= 2:
                 torch._dynamo.mark_static(arg, arg.dim() - 1)
+        if args[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            # Compiling inside a CUDA graph capture is illegal (the compiler synchronises and benchmarks): a call
+            # whose guards miss runs the eager body instead, whose kernels the graph records just as well.
+            with torch.compiler.set_stance("eager_on_recompile"):
+                return self.compiled(*args)
         try:
             return self.compiled(*args)
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop training: run eagerly

@@ -21,6 +21,9 @@ class ModelConfig:
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     recompute: Literal["none", "selective", "full"] = "none"
     freeze_vision: bool = False
+    # Replay the decoder's training forward/backward from CUDA graphs, one per micro-batch shape (GPU only;
+    # models/decoder_graphs.py). Costs resident memory: the planner counts it.
+    cuda_graphs: bool = False
 
 
 @dataclass

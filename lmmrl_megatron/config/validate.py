@@ -31,6 +31,12 @@ def _model_problems(config: RunConfig, training: bool) -> list[str]:
             "fp16 run would train fp16 weights with no loss scale and overflow or underflow); use 'bf16' on GPUs "
             "or 'fp32'"
         )
+    if config.model.cuda_graphs and config.model.recompute == "full":
+        problems.append("model.cuda_graphs needs model.recompute 'none' or 'selective': a graph keeps the "
+                        "activations that full recompute exists to drop")
+    if config.model.cuda_graphs and config.parallel.sequence_parallel:
+        problems.append("model.cuda_graphs does not support parallel.sequence_parallel (Megatron's RNG tracker "
+                        "fork in the decoder is not graph-safe)")
     return problems
 
 

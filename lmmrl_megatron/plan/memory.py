@@ -35,6 +35,9 @@ Terms (bytes per parameter of this rank; `params.py` counts the parameters):
                  shards and converted copy of the largest parameter (2 x its full size)
     vllm         gpu_memory_utilization x GPU while generating; asleep: its CUDA graph pool and allocator slack;
                  woken for the sync: its weight shard (params / engine_tp, bf16)
+    cuda graphs  with model.cuda_graphs, on stage 0 (`models/decoder_graphs.py`): each of up to CUDA_GRAPHS_MAX
+                 graphs keeps a gradient buffer per decoder parameter (the weights' dtype), and the graphs' pool
+                 keeps one micro-batch's activations for good (in the train phase those are the activations term)
     cuda context per process on the GPU (trainer, and the colocated engine), outside PyTorch's allocator
 """
 
@@ -58,7 +61,8 @@ VLLM_RESERVE = int(2.5 * GiB)  # vLLM's profiled activation peak and non-torch m
 LOGITS_FWD_BYTES, LOGITS_BWD_BYTES = 2, 4
 LOGITS_PIECES = int(1.0 * GiB)
 # Terms PyTorch's caching allocator of the trainer process holds (torch.cuda.max_memory_allocated sees these).
-ALLOCATOR_TERMS = ("weights", "grads", "optimizer", "activations", "logits", "adam temp", "buckets")
+ALLOCATOR_TERMS = ("weights", "grads", "optimizer", "activations", "logits", "adam temp", "buckets", "cuda graphs")
+CUDA_GRAPHS_MAX = 4  # DecoderGraphs.attach's max_graphs (tests/plan checks the two agree)
 
 
 @dataclass
@@ -139,6 +143,16 @@ def train_activations(qwen: QwenVLConfig, config: RunConfig, stage: StageParams)
     return int(tokens * per_micro_batch * in_flight), int(tokens * layer) if full else 0
 
 
+def cuda_graph_bytes(qwen: QwenVLConfig, config: RunConfig, stage: StageParams) -> tuple[int, int]:
+    """(the graphs' gradient buffers, the pool's activations of one micro-batch) on this stage; 0 without graphs."""
+    if not config.model.cuda_graphs or stage.stage != 0:
+        return 0, 0
+    weight_bytes = 4 if config.model.dtype == "fp32" else 2
+    layer, _ = activation_bytes_per_token(qwen, config)
+    return (CUDA_GRAPHS_MAX * weight_bytes * stage.decoder,
+            int(config.trainer.max_tokens_per_micro_batch * layer * stage.layers))
+
+
 def _logits(qwen: QwenVLConfig, config: RunConfig, per_column: int) -> int:
     vocab = padded_vocab_size(qwen.text.vocab_size, config.parallel.tp) // config.parallel.tp
     return per_column * config.trainer.max_tokens_per_micro_batch * vocab + LOGITS_PIECES
@@ -196,7 +210,10 @@ def stage_memory(
         PhaseMemory("train", train | ({"vllm": vllm_asleep} if colocated else {})),
         PhaseMemory("sync", sync),
     ]
+    graph_grads, graph_pool = cuda_graph_bytes(qwen, config, stage)
     for phase in phases:
+        if graph_grads:
+            phase.terms["cuda graphs"] = graph_grads + (0 if phase.phase == "train" else graph_pool)
         phase.terms["cuda context"] = context
     return phases
 

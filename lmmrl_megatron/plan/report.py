@@ -39,6 +39,7 @@ KNOBS: dict[str, str] = {
     "adam temp": "more data-parallel ranks with trainer.actor.use_distributed_optimizer",
     "vllm": "a lower rollout.gpu_memory_utilization (or trainer.colocate_all_models: false)",
     "buckets": "a smaller rollout.weight_sync_bucket_mb",
+    "cuda graphs": "model.cuda_graphs=false, a smaller trainer.max_tokens_per_micro_batch",
     "cuda context": "nothing: a smaller model layout elsewhere",
 }
 MFU = 0.35  # assumed for the rough step time

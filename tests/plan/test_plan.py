@@ -63,6 +63,30 @@ def test_a_kv_cache_smaller_than_max_model_len_is_reported() -> None:
     assert any(r.startswith("rollout: the KV cache") and "rollout.max_model_len=131072" in r for r in plan.verdict)
 
 
+def test_cuda_graphs_keep_gradient_buffers_and_one_micro_batch_on_stage_0() -> None:
+    import inspect
+
+    from lmmrl_megatron.models.decoder_graphs import DecoderGraphs
+    from lmmrl_megatron.plan import memory
+
+    assert memory.CUDA_GRAPHS_MAX == inspect.signature(DecoderGraphs.attach).parameters["max_graphs"].default
+    config = config_72b("model.recompute=selective", "model.cuda_graphs=true")
+    base = make_plan(config_72b("model.recompute=selective"), get_gpu("H200-141GB"))
+    graphed = make_plan(config, get_gpu("H200-141GB"))
+    stage0 = base.stages[0]
+    layer, _ = memory.activation_bytes_per_token(QwenVLConfig.from_hf_dir(MODELS / "qwen2_5_vl_72b"), config)
+    grads = memory.CUDA_GRAPHS_MAX * 2 * stage0.decoder  # bf16 weights: a 2-byte gradient buffer per graph
+    pool = int(config.trainer.max_tokens_per_micro_batch * layer * stage0.layers)
+    assert grads > 0 and pool > 0
+    for phase, with_graphs in zip(base.memory[0], graphed.memory[0]):
+        # In the train phase the pool's micro-batch is what the activations term already counts.
+        expected = grads + (0 if phase.phase == "train" else pool)
+        assert with_graphs.terms["cuda graphs"] == expected, phase.phase
+        assert with_graphs.total == phase.total + expected, phase.phase
+    assert all("cuda graphs" not in phase.terms for phases in graphed.memory[1:] for phase in phases)
+    assert "cuda graphs" in render(graphed)
+
+
 def test_the_distributed_optimizer_shards_over_data_parallel_ranks() -> None:
     one = make_plan(config_72b(), get_gpu("H200-141GB")).memory[0][2].terms["optimizer"]
     two = make_plan(config_72b("trainer.num_nodes=8", "trainer.actor_world_size=64"), get_gpu("H200-141GB"))

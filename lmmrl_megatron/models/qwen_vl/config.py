@@ -207,6 +207,8 @@ class QwenVLBuildOptions:
     recompute: Literal["none", "selective", "full"] = "none"
     # local layers: fused rotary / SwiGLU and plain TP=1 linears (models/qwen_vl/fused.py); False = Megatron's own
     fused_kernels: bool = True
+    # CUDA graphs of the decoder's training forward/backward per micro-batch shape (models/decoder_graphs.py)
+    cuda_graphs: bool = False
     make_vocab_size_divisible_by: int = 128
     use_cpu_initialization: bool = False
     perform_initialization: bool = True  # False when weights are loaded right after building

@@ -98,6 +98,10 @@ class RopeCosSinCache:
         self._freqs: Tensor | None = None
         self._tables: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
+    def clear(self) -> None:
+        """Forget the tables: the next layer computes them again (a CUDA graph capture must record that)."""
+        self._freqs, self._tables = None, {}
+
     def get(self, freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if freqs is not self._freqs:
             self._freqs, self._tables = freqs, {}
@@ -110,6 +114,11 @@ class RopeCosSinCache:
 
 
 _ROPE_CACHE = RopeCosSinCache()
+
+
+def clear_rope_cache() -> None:
+    """Make the next decoder forward compute its rotary tables (see `RopeCosSinCache.clear`)."""
+    _ROPE_CACHE.clear()
 
 
 class FusedRopeSelfAttention(SelfAttention):

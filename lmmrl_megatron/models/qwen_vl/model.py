@@ -34,7 +34,9 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
+from lmmrl_megatron.models.decoder_graphs import DecoderGraphs
 from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions, QwenVLConfig, decoder_transformer_config
+from lmmrl_megatron.models.qwen_vl.fused import clear_rope_cache
 from lmmrl_megatron.models.qwen_vl.kv_checkpoint import store_kv_heads_unreplicated
 from lmmrl_megatron.models.qwen_vl.kv_replicas import attach_kv_replica_grad_sync
 from lmmrl_megatron.models.qwen_vl.packed import PackedBatch, pack_padded_batch, unpack_to_padded
@@ -93,6 +95,12 @@ class QwenVLModel(MegatronModule):
             rotary_base=config.text.rope_theta,
             scatter_embedding_sequence_parallel=False,  # image features are merged first, then scattered here
             vp_stage=vp_stage,
+        )
+        # The decoder's training forward/backward replayed from CUDA graphs (eager wherever a call is not graphable)
+        self.decoder_graphs = (
+            DecoderGraphs.attach(self.language_model.decoder, before_forward=clear_rope_cache)
+            if options.cuda_graphs
+            else None
         )
         built = [layer.layer_number - 1 for layer in self.language_model.decoder.layers]
         assert built == list(self.layer_range), f"Megatron built layers {built}, the mapping expects {self.layer_range}"

@@ -38,6 +38,7 @@ def build_chunks(qwen_config, model: Any, parallel: Any, use_gpu: bool, load: bo
         dtype=model.dtype,
         transformer_impl=model.transformer_impl,
         recompute=model.recompute,
+        cuda_graphs=model.cuda_graphs,
         use_cpu_initialization=not use_gpu,
         perform_initialization=not load,  # loaded weights are overwritten right after
     )
