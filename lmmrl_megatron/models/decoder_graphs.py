@@ -10,7 +10,8 @@ decoder forward, and another of its backward, takes that Python out of the step.
 What is graphed: `TransformerBlock.forward` for a training forward with autograd on, over a dense causal batch
 (no attention mask, no packed sequences, no inference context): the learner's right-padded micro-batches. Each
 shape gets its own pair of graphs from `torch.cuda.make_graphed_callables` (warm-up iterations, then forward and
-backward captured), up to `max_graphs`; every other call runs the block eagerly, unchanged. The sequence is padded
+backward captured) of `functional_forward`, the block run on fresh leaves aliasing its parameters (see
+`_graph_for` for why); up to `max_graphs`; every other call runs the block eagerly, unchanged. The sequence is padded
 up to a multiple of `bucket_tokens` first so that varying rollout lengths share graphs: with causal attention the
 appended rows never reach the real ones, and their outputs are cut off again (their gradient is zero).
 
@@ -23,9 +24,15 @@ counts `max_graphs` of those.
 
 Not graphed, by design: pipeline stages after the first (Megatron hands them their input through
 `set_input_tensor`), full recompute (its point is not keeping activations, which a graph does), dropout and
-sequence parallelism (both go through Megatron's RNG tracker, which is not graph-safe), fp8/fp4, CPU offloading. A capture that fails (an op that
-synchronises with the host, a kernel that refuses capture) raises, naming the shape: an aborted capture leaves
-the CUDA generator unusable, so there is no silent fallback.
+sequence parallelism (both go through Megatron's RNG tracker, which is not graph-safe), fp8/fp4, CPU offloading.
+A capture that fails (an op that synchronises with the host, a kernel that refuses capture) raises, naming the
+shape: an aborted capture leaves the CUDA generator unusable, so there is no silent fallback.
+
+Gradients: the replayed backward returns each parameter's gradient in a static buffer of its graph, which
+autograd hands to the parameter. With Megatron's DDP (the learner) its hook adds that into the main-grad buffer at
+once. A plain `.grad` that was None may take the buffer itself (autograd steals a gradient nobody else holds),
+so the next replay would overwrite it: accumulating plain `.grad`s over several graphed micro-batches is not safe
+(as with torch's own graphed callables); one graphed backward per `zero_grad(set_to_none=True)` is.
 """
 
 from __future__ import annotations
@@ -80,25 +87,6 @@ def block_refuses_graphs(block: TransformerBlock) -> str:
     return ""
 
 
-class _BlockCall(torch.nn.Module):
-    """The block's eager forward on (hidden, rotary) only: the callable handed to make_graphed_callables.
-
-    It holds the block as a child so its parameters are the graph's parameters; it is not part of the model's
-    module tree, so state dicts and optimizers never see it.
-    """
-
-    def __init__(self, block: TransformerBlock, eager_forward: Callable[..., Tensor],
-                 before_forward: Callable[[], None]) -> None:
-        super().__init__()
-        self.block = block
-        self._eager_forward = eager_forward
-        self._before_forward = before_forward
-
-    def forward(self, hidden_states: Tensor, rotary_pos_emb: Tensor) -> Tensor:
-        self._before_forward()
-        return self._eager_forward(hidden_states=hidden_states, attention_mask=None, rotary_pos_emb=rotary_pos_emb)
-
-
 class DecoderGraphs:
     """Per-shape CUDA graphs of one `TransformerBlock`'s training forward and backward (see the module docstring)."""
 
@@ -114,8 +102,9 @@ class DecoderGraphs:
         self.enabled = True
         self.refused = block_refuses_graphs(block)
         self._eager_forward = block.forward  # the class's forward, bound: what every eager call runs
-        self._before_forward = before_forward  # e.g. dropping per-forward caches so the capture computes them
-        self._graphs: dict[GraphKey, _BlockCall] = {}
+        self._before_forward = before_forward  # e.g. dropping per-forward caches so a capture computes them
+        self._graphs: dict[GraphKey, Callable[..., Tensor]] = {}
+        self._in_capture = False  # functional_forward's own call of the block runs its eager forward
         self._failed: set[GraphKey] = set()
         self._pool: Any = None
         self._pending: weakref.ref[Tensor] | None = None  # the output of a graphed forward awaiting its backward
@@ -137,14 +126,16 @@ class DecoderGraphs:
     # ------------------------------------------------------------------------------------------ the call
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any, **kwargs: Any):
+        if self._in_capture:
+            return self._eager_forward(hidden_states, attention_mask, *args, **kwargs)
         key = None if args else self.graph_key(hidden_states, attention_mask, kwargs)
         graphed = None if key is None else self._graph_for(key, hidden_states, kwargs["rotary_pos_emb"])
         if graphed is None:
             self.num_eager += 1
             return self._eager_forward(hidden_states, attention_mask, *args, **kwargs)
         seq = hidden_states.size(0)
-        out = graphed(_pad_rows(hidden_states, key.hidden_shape[0]), _pad_rows(kwargs["rotary_pos_emb"],
-                                                                               key.rotary_shape[0]))
+        out = graphed(_pad_rows(hidden_states, key.hidden_shape[0]),
+                      _pad_rows(kwargs["rotary_pos_emb"], key.rotary_shape[0]), *self._trained_params())
         self.num_replays += 1
         if seq != key.hidden_shape[0]:
             out = make_viewless_tensor(out[:seq], requires_grad=True, keep_graph=True)
@@ -188,7 +179,27 @@ class DecoderGraphs:
 
         out.register_hook(backward_starts)
 
-    def _graph_for(self, key: GraphKey, hidden_states: Tensor, rotary: Tensor) -> _BlockCall | None:
+    def functional_forward(self, hidden_states: Tensor, rotary_pos_emb: Tensor, *params: Tensor) -> Tensor:
+        """The block's eager forward with `params` in place of its trained parameters (in `named_parameters`
+        order): what a capture records. Gradients go to `params`, not to the block's own parameters."""
+        names = [name for name, _ in self._trained_named_params()]
+        assert len(names) == len(params), f"{len(params)} tensors for {len(names)} trained parameters"
+        self._before_forward()
+        outer, self._in_capture = self._in_capture, True
+        try:
+            return torch.func.functional_call(self.block, dict(zip(names, params)), (),
+                                              dict(hidden_states=hidden_states, attention_mask=None,
+                                                   rotary_pos_emb=rotary_pos_emb))
+        finally:
+            self._in_capture = outer
+
+    def _trained_params(self) -> tuple[Tensor, ...]:
+        return tuple(p for _, p in self._trained_named_params())
+
+    def _trained_named_params(self) -> list[tuple[str, Tensor]]:
+        return [(name, p) for name, p in self.block.named_parameters() if p.requires_grad]
+
+    def _graph_for(self, key: GraphKey, hidden_states: Tensor, rotary: Tensor) -> Callable[..., Tensor] | None:
         graphed = self._graphs.get(key)
         if graphed is not None or key in self._failed or len(self._graphs) >= self.max_graphs:
             return graphed
@@ -196,12 +207,18 @@ class DecoderGraphs:
         # bodies guard on strides, even of size-1 dims); their values only feed the warm-up iterations.
         sample_hidden = _canonical(_pad_rows(hidden_states.detach(), key.hidden_shape[0])).requires_grad_(True)
         sample_rotary = _canonical(_pad_rows(rotary.detach(), key.rotary_shape[0]))
-        call = _BlockCall(self.block, self._eager_forward, self._before_forward)
-        # The warm-up runs on a side stream and the capture in a private pool: neither can reuse the blocks cached
-        # for the default stream. Handing those back first keeps the allocator from freeing memory mid-capture
-        # (cudaFree synchronises, which invalidates a capture: seen at 3B on the H200).
-        # Garbage is collected now and not during the capture: an object freed mid-capture can release pinned host
-        # memory, whose allocator then records an event on the legacy stream, which invalidates the capture.
+        # The capture runs on fresh leaves aliasing the parameters (same storage, so a replay reads the weights as
+        # they are then). Autograd keeps each leaf's AccumulateGrad node, with the stream it was made on, for as long
+        # as any graph references it: a caller still holding an earlier step's output keeps the parameters' nodes,
+        # made on the default stream, and a backward captured into them would make the legacy stream wait on the
+        # capture ("operation would make the legacy stream depend on a capturing blocking stream": bench/
+        # model_step.py on the H200). The real parameters are the graphed function's inputs instead, so their
+        # gradients reach them (and Megatron's DDP hooks) through autograd as usual.
+        leaves = tuple(p.detach().requires_grad_(True) for p in self._trained_params())
+
+        # Defensive, as torch.cuda.graph itself once did: garbage is collected now rather than during the capture
+        # (a finaliser must not run CUDA work then), and the default stream's cached blocks are handed back (the
+        # warm-up's side stream and the capture's private pool cannot reuse them).
         gc.collect()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -210,8 +227,8 @@ class DecoderGraphs:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            graphed = torch.cuda.make_graphed_callables(call, (sample_hidden, sample_rotary), num_warmup_iters=2,
-                                                        pool=self._pool)
+            graphed = torch.cuda.make_graphed_callables(self.functional_forward, (sample_hidden, sample_rotary, *leaves),
+                                                        num_warmup_iters=2, pool=self._pool)
         except Exception as exc:
             # An aborted capture leaves the CUDA generator and the pool in a state later work trips over, so this
             # is not papered over with an eager fallback.

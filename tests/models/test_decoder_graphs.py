@@ -2,9 +2,10 @@
 where it is.
 
 On CPU: attaching changes no parameter name, CPU calls run eagerly with the very same results, and the rules that
-refuse a block or a call. On a GPU (through the device tool): a graphed training step gives the eager step's
-log-probs and gradients on text and multimodal batches, lengths in one bucket share a graph, a forward while
-another awaits its backward runs eagerly, and `max_graphs` caps the captures.
+refuse a block or a call; the forward a capture records (the block on aliases of its parameters) equals the block.
+On a GPU (through the device tool): a graphed training step gives the eager step's log-probs and gradients on text
+and multimodal batches, lengths in one bucket share a graph, a forward while another awaits its backward runs
+eagerly, a shape is captured while an earlier step's output is still alive, and `max_graphs` caps the captures.
 """
 
 from __future__ import annotations
@@ -87,6 +88,46 @@ def test_cpu_calls_run_eagerly_with_identical_results(hf_dir: Path) -> None:
             torch.testing.assert_close(grads_g[param], grad, rtol=0, atol=0, msg=lambda m, p=param: f"{p}: {m}")
 
 
+def functional_against_eager(hf_dir: str) -> bytes:
+    """The block on fresh leaves aliasing its parameters (what a capture records) against the block itself."""
+    from lmmrl_megatron.models.qwen_vl.parity import to_bytes
+
+    model = _build(hf_dir, "fp32", True, True)
+    decoder, graphs = model.language_model.decoder, model.decoder_graphs
+    seen: dict = {}
+    handle = decoder.register_forward_pre_hook(lambda mod, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    model(**_text_batch(2, 40, "cpu", 1))
+    handle.remove()
+    hidden, rotary = seen["hidden_states"].detach(), seen["rotary_pos_emb"].detach()
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    cotangent = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(3))
+
+    h_eager = hidden.clone().requires_grad_(True)
+    out = decoder(hidden_states=h_eager, attention_mask=None, rotary_pos_emb=rotary)
+    eager = (out.detach(), torch.autograd.grad(out, [h_eager, *params], cotangent))
+
+    leaves = [p.detach().requires_grad_(True) for p in params]
+    h_leaf = hidden.clone().requires_grad_(True)
+    out = graphs.functional_forward(h_leaf, rotary, *leaves)
+    functional = (out.detach(), torch.autograd.grad(out, [h_leaf, *leaves], cotangent))
+    return to_bytes(dict(eager=eager, functional=functional, num_params=len(params),
+                         same_storage=all(p.data_ptr() == q.data_ptr() for p, q in zip(params, leaves)),
+                         param_grads_untouched=all(p.grad is None for p in params),
+                         eager_calls=graphs.num_eager))
+
+
+def test_functional_forward_on_parameter_aliases_equals_the_block(hf_dir: Path) -> None:
+    result = from_bytes(run_distributed(functional_against_eager, world_size=1, args=(str(hf_dir),))[0])
+    (out, grads), (out_f, grads_f) = result["eager"], result["functional"]
+    assert result["num_params"] > 10 and result["same_storage"] and result["param_grads_untouched"]
+    torch.testing.assert_close(out_f, out, rtol=0, atol=0)
+    assert len(grads_f) == len(grads) == result["num_params"] + 1
+    for i, (got, want) in enumerate(zip(grads_f, grads)):
+        assert want.abs().sum() > 0, i
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
 def refusals(hf_dir: str) -> list[str]:
     from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
     from lmmrl_megatron.models.qwen_vl.parity import build_chunk
@@ -142,12 +183,21 @@ def graphed_against_eager(hf_dir: str) -> bytes:
     second = model(**batch).log_probs
     (-(pending.sum() + second.sum())).backward()
     overlap = (graphs.num_replays - before[0], graphs.num_eager - before[1])
+    # A new shape captured while an earlier step's output is alive (it keeps the parameters' AccumulateGrad
+    # nodes, made on the default stream; Megatron's schedule holds the last micro-batch's output like this).
+    graphs.enabled = False
+    held = model(**batch).log_probs
+    (-held.sum()).backward()
+    graphs.enabled = True
+    fresh = _step(model, _text_batch(2, 100, "cuda", 5))
+    held_capture = (graphs.num_graphs, bool(fresh[0].isfinite().all()))
     # No capture beyond max_graphs: a new shape then runs eagerly.
     graphs.max_graphs = graphs.num_graphs
     before = (graphs.num_replays, graphs.num_eager)
     capped = _step(model, _text_batch(1, 200, "cuda", 4))
     capped_counts = (graphs.num_graphs, graphs.num_replays - before[0], graphs.num_eager - before[1])
-    return to_bytes(dict(out=out, overlap=overlap, capped_counts=capped_counts, capped_ok=bool(capped[0].isfinite().all())))
+    return to_bytes(dict(out=out, overlap=overlap, held_capture=held_capture, capped_counts=capped_counts,
+                         capped_ok=bool(capped[0].isfinite().all())))
 
 
 @pytest.fixture
@@ -182,4 +232,5 @@ def test_gpu_graphed_step_equals_eager(hf_dir: Path, megatron_on_gpu: None) -> N
                 assert err < 3e-2, f"{name} {label} grad {param}: max error {err:.3g} of its largest entry"
         torch.testing.assert_close(again[0], first[0], rtol=0, atol=0)  # a replay is deterministic
     assert result["overlap"] == (1, 1)
-    assert result["capped_counts"] == (num_graphs["multimodal"], 0, 1) and result["capped_ok"]
+    assert result["held_capture"] == (num_graphs["multimodal"] + 1, True)
+    assert result["capped_counts"] == (num_graphs["multimodal"] + 1, 0, 1) and result["capped_ok"]
