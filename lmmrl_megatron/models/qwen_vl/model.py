@@ -17,6 +17,9 @@ embedding-group gradient all-reduce);
 KV heads fewer than TP ranks are replicated with their gradients summed (`kv_replicas.py`) and stored once in
 checkpoints (`kv_checkpoint.py`).
 
+With `options.cuda_graphs` the decoder's training forward and backward are replayed from CUDA graphs per micro-batch
+shape (`models/decoder_graphs.py`; `self.decoder_graphs`), eagerly wherever a call is not graphable.
+
 Padding: `attention_mask` [B, S] (nonzero = real token) may pad on either side. With `packed=True` the real tokens
 are packed into one row and attention runs per sample, so no compute is spent on padding; results are returned in
 the padded layout either way.
