@@ -562,7 +562,8 @@ def _run_pair(name: str, shape: Shape, args: argparse.Namespace, report: dict, b
                 if graphed == "on":
                     report.setdefault("graph_parity", {}).update(
                         graph_parity(ours, batches, f"{name} fused={fused} {recompute}"))
-                ours.decoder_graphs.enabled = graphed == "on" if ours.decoder_graphs is not None else False
+                if ours.decoder_graphs is not None:
+                    ours.decoder_graphs.enabled = graphed == "on"
                 profile_it = args.profile and name in args.profile_shapes and recompute == "none"
                 bench_all(ours, "ours", recompute, profile_it=profile_it, fused=fused, graphs=graphed)
                 if ours.decoder_graphs is not None:
