@@ -61,12 +61,13 @@ _MUST_BE_EMPTY = (
 
 @dataclass(frozen=True)
 class GraphKey:
-    """What a captured graph is specialised to: the padded input shapes and dtypes."""
+    """What a captured graph is specialised to: the padded input shapes and dtypes, and the trained parameters."""
 
     hidden_shape: tuple[int, ...]  # [padded seq, batch, hidden]
     rotary_shape: tuple[int, ...]  # [padded seq, batch, 1, head_dim]
     dtype: torch.dtype
     rotary_dtype: torch.dtype
+    num_trained_params: int  # freezing a parameter after a capture needs another graph (it is a graph input)
 
 
 def block_refuses_graphs(block: TransformerBlock) -> str:
@@ -160,7 +161,7 @@ class DecoderGraphs:
             return None
         padded = self.padded_length(hidden_states.size(0))
         return GraphKey((padded, *hidden_states.shape[1:]), (padded, *rotary.shape[1:]), hidden_states.dtype,
-                        rotary.dtype)
+                        rotary.dtype, len(self._trained_named_params()))
 
     def padded_length(self, seq: int) -> int:
         return math.ceil(seq / self.bucket_tokens) * self.bucket_tokens
