@@ -129,39 +129,44 @@ class DecoderGraphs:
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any, **kwargs: Any):
         if self._in_capture:
             return self._eager_forward(hidden_states, attention_mask, *args, **kwargs)
-        key = None if args else self.graph_key(hidden_states, attention_mask, kwargs)
-        graphed = None if key is None else self._graph_for(key, hidden_states, kwargs["rotary_pos_emb"])
+        graphed = None
+        if not args and self.graphable(hidden_states, attention_mask, kwargs):
+            rotary, params = kwargs["rotary_pos_emb"], self._trained_params()
+            key = self._key(hidden_states, rotary, len(params))
+            graphed = self._graph_for(key, hidden_states, rotary, params)
         if graphed is None:
             self.num_eager += 1
             return self._eager_forward(hidden_states, attention_mask, *args, **kwargs)
         seq = hidden_states.size(0)
-        out = graphed(_pad_rows(hidden_states, key.hidden_shape[0]),
-                      _pad_rows(kwargs["rotary_pos_emb"], key.rotary_shape[0]), *self._trained_params())
+        out = graphed(_pad_rows(hidden_states, key.hidden_shape[0]), _pad_rows(rotary, key.rotary_shape[0]), *params)
         self.num_replays += 1
         if seq != key.hidden_shape[0]:
             out = make_viewless_tensor(out[:seq], requires_grad=True, keep_graph=True)
         self._await_backward(out)
         return out
 
-    def graph_key(self, hidden_states: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any]) -> GraphKey | None:
-        """The graph this call can replay, or None when it must run eagerly."""
+    def graphable(self, hidden_states: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any]) -> bool:
+        """Whether this call (the block's keyword arguments besides the two named) can replay a graph."""
         rotary = kwargs.get("rotary_pos_emb")
-        if (
-            not self.enabled
-            or self.refused
-            or not (hidden_states.is_cuda and hidden_states.requires_grad)
-            or not (self.block.training and torch.is_grad_enabled())
-            or attention_mask is not None
-            or not isinstance(rotary, Tensor)
-            or rotary.size(0) != hidden_states.size(0)
-            or not all(_is_empty(kwargs.get(name)) for name in _MUST_BE_EMPTY)
-            or set(kwargs) - set(_MUST_BE_EMPTY) - {"rotary_pos_emb"}
-            or self._backward_pending()
-        ):
-            return None
+        return (
+            self.enabled
+            and not self.refused
+            and hidden_states.is_cuda
+            and hidden_states.requires_grad
+            and self.block.training
+            and torch.is_grad_enabled()
+            and attention_mask is None
+            and isinstance(rotary, Tensor)
+            and rotary.size(0) == hidden_states.size(0)
+            and all(_is_empty(kwargs.get(name)) for name in _MUST_BE_EMPTY)
+            and not set(kwargs) - set(_MUST_BE_EMPTY) - {"rotary_pos_emb"}
+            and not self._backward_pending()
+        )
+
+    def _key(self, hidden_states: Tensor, rotary: Tensor, num_trained_params: int) -> GraphKey:
         padded = self.padded_length(hidden_states.size(0))
         return GraphKey((padded, *hidden_states.shape[1:]), (padded, *rotary.shape[1:]), hidden_states.dtype,
-                        rotary.dtype, len(self._trained_named_params()))
+                        rotary.dtype, num_trained_params)
 
     def padded_length(self, seq: int) -> int:
         return math.ceil(seq / self.bucket_tokens) * self.bucket_tokens
@@ -200,7 +205,8 @@ class DecoderGraphs:
     def _trained_named_params(self) -> list[tuple[str, Tensor]]:
         return [(name, p) for name, p in self.block.named_parameters() if p.requires_grad]
 
-    def _graph_for(self, key: GraphKey, hidden_states: Tensor, rotary: Tensor) -> Callable[..., Tensor] | None:
+    def _graph_for(self, key: GraphKey, hidden_states: Tensor, rotary: Tensor,
+                   params: tuple[Tensor, ...]) -> Callable[..., Tensor] | None:
         graphed = self._graphs.get(key)
         if graphed is not None or key in self._failed or len(self._graphs) >= self.max_graphs:
             return graphed
@@ -215,7 +221,7 @@ class DecoderGraphs:
         # capture ("operation would make the legacy stream depend on a capturing blocking stream": bench/
         # model_step.py on the H200). The real parameters are the graphed function's inputs instead, so their
         # gradients reach them (and Megatron's DDP hooks) through autograd as usual.
-        leaves = tuple(p.detach().requires_grad_(True) for p in self._trained_params())
+        leaves = tuple(p.detach().requires_grad_(True) for p in params)
 
         # Defensive, as torch.cuda.graph itself once did: garbage is collected now rather than during the capture
         # (a finaliser must not run CUDA work then), and the default stream's cached blocks are handed back (the

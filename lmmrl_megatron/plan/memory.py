@@ -99,6 +99,10 @@ def swaps(config: RunConfig) -> bool:
     return config.trainer.colocate_all_models and config.rollout.enable_sleep
 
 
+def _weight_bytes(config: RunConfig) -> int:
+    return 4 if config.model.dtype == "fp32" else 2
+
+
 def _static(config: RunConfig, stage: StageParams, roles: Roles) -> dict[str, int]:
     """Weights of every role, grads and optimizer state of the trained ones."""
     fp32 = config.model.dtype == "fp32"
@@ -106,10 +110,9 @@ def _static(config: RunConfig, stage: StageParams, roles: Roles) -> dict[str, in
     # The critic's value head (hidden -> 1) replaces the output layer: about the actor's size less the vocabulary.
     critic = stage.total - stage.output if roles.critic else 0
     trained = trainable + (critic if roles.critic else 0)
-    weight_bytes = 4 if fp32 else 2
     shards = data_parallel_size(config) if config.trainer.actor.use_distributed_optimizer else 1
     return {
-        "weights": weight_bytes * (stage.total * (1 + roles.reference) + critic),
+        "weights": _weight_bytes(config) * (stage.total * (1 + roles.reference) + critic),
         "grads": 4 * trained,
         "optimizer": (8 if fp32 else 12) * trained // shards,
     }
@@ -147,9 +150,8 @@ def cuda_graph_bytes(qwen: QwenVLConfig, config: RunConfig, stage: StageParams) 
     """(the graphs' gradient buffers, the pool's activations of one micro-batch) on this stage; 0 without graphs."""
     if not config.model.cuda_graphs or stage.stage != 0:
         return 0, 0
-    weight_bytes = 4 if config.model.dtype == "fp32" else 2
     layer, _ = activation_bytes_per_token(qwen, config)
-    return (CUDA_GRAPHS_MAX * weight_bytes * stage.decoder,
+    return (CUDA_GRAPHS_MAX * _weight_bytes(config) * stage.decoder,
             int(config.trainer.max_tokens_per_micro_batch * layer * stage.layers))
 
 
