@@ -114,7 +114,11 @@ def run_ours(args: argparse.Namespace, overrides: list[str]) -> dict:
     )
     phases = sorted({key for r in records for key in r if key.startswith("time/")})
     result["phases_s"] = {key: sum(r.get(key, 0.0) for r in records[args.warmup:]) / args.steps for key in phases}
-    result["detail"] = f"rollout.backend={backend}, micro-batch {config.trainer.max_tokens_per_micro_batch} tokens"
+    result["detail"] = ", ".join([
+        f"rollout.backend={backend}", f"micro-batch {config.trainer.max_tokens_per_micro_batch} tokens",
+        "swap on" if config.trainer.colocate_all_models and config.rollout.enable_sleep else "no swap",
+        *overrides,
+    ])
     return result
 
 

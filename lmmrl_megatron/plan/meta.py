@@ -46,7 +46,8 @@ def meta_chunk(config: QwenVLConfig, layout: ShardLayout, pp_rank: int):
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
 
     assert layout.vpp is None, "a meta chunk is a whole pipeline stage"
-    options = QwenVLBuildOptions(layout=layout, dtype="bf16", use_cpu_initialization=True, perform_initialization=False)
+    options = QwenVLBuildOptions(layout=layout, dtype="bf16", use_cpu_initialization=True, perform_initialization=False,
+                                 meta_device=True)
     with _cuda_device_reads_as_meta(), torch.device("meta"):
         return QwenVLModel(
             config, options, pre_process=layout.is_first_chunk(pp_rank), post_process=layout.is_last_chunk(pp_rank)

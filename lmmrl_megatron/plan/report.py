@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,16 +17,19 @@ from lmmrl_megatron.plan.gpus import GPU, GiB
 from lmmrl_megatron.plan.layout import layout_notes, layout_problems
 from lmmrl_megatron.plan.memory import (
     PHASES,
+    VLLM_RESERVE,
     EngineMemory,
     PhaseMemory,
     data_parallel_size,
     engine_memory,
     stage_memory,
+    swaps,
 )
 from lmmrl_megatron.plan.params import StageParams, stage_params
 
 if TYPE_CHECKING:  # read by its fields: config/validate.py calls into plan/, so plan/ imports no config
     from lmmrl_megatron.config.schema import RunConfig
+    from lmmrl_megatron.config.sections import RolloutConfig
 
 # What to turn when a term does not fit, largest term first.
 KNOBS: dict[str, str] = {
@@ -44,6 +48,7 @@ KNOBS: dict[str, str] = {
 }
 MFU = 0.35  # assumed for the rough step time
 SYNC_GB_PER_S = 50.0  # export + load of the buckets, per engine GPU
+SWAP_GB_PER_S = 45.0  # optimizer state to pinned host chunks and back, each way (45-51 GB/s measured on an H200)
 
 
 @dataclass
@@ -101,7 +106,7 @@ def _verdict(plan: Plan) -> list[str]:
             break
     engine, rollout = plan.engine, plan.config.rollout
     if engine is not None:
-        need = rollout.max_model_len or plan.qwen.text.max_position_embeddings
+        need = longest_sequence(plan)
         if engine.kv_tokens < need:
             found.append(
                 f"rollout: the KV cache of an engine GPU holds {engine.kv_tokens} tokens ({engine.kv_cache / GiB:.1f} "
@@ -111,6 +116,16 @@ def _verdict(plan: Plan) -> list[str]:
     return found
 
 
+def longest_sequence(plan: Plan) -> int:
+    """The engines' max_model_len: their KV cache must hold one sequence this long or vLLM does not start."""
+    return plan.config.rollout.max_model_len or plan.qwen.text.max_position_embeddings
+
+
+def typical_sequence_tokens(rollout: RolloutConfig) -> float:
+    """Prompt + response of a typical sequence: half of max_model_len, or twice the response when that is unset."""
+    return (rollout.max_model_len or rollout.max_new_tokens * 2) / 2
+
+
 def step_time(plan: Plan) -> dict[str, float]:
     """Rough seconds per phase: decode bound by HBM bandwidth, forward/backward by FLOPs at MFU, sync by bytes.
     Sequences (prompt + response) are taken as half of max_model_len."""
@@ -118,7 +133,7 @@ def step_time(plan: Plan) -> dict[str, float]:
     rollout = cfg.rollout
     whole = _whole_model_params(plan.qwen)
     sequences = rollout.rollout_batch_size * rollout.n_samples_per_prompt
-    seq_len = (rollout.max_model_len or rollout.max_new_tokens * 2) / 2
+    seq_len = typical_sequence_tokens(rollout)
     times: dict[str, float] = {}
     if engine is not None:
         per_engine = math.ceil(sequences / rollout.num_engines)
@@ -133,7 +148,32 @@ def step_time(plan: Plan) -> dict[str, float]:
     recompute = 2 if cfg.model.recompute == "full" else 0
     times["train"] = cfg.algorithm.ppo_epochs * (6 + recompute) * whole * tokens / flops_per_s
     times["sync"] = 2 * whole / max(1, rollout.engine_tp) / (SYNC_GB_PER_S * 1e9)
+    if swaps(cfg) and plan.memory:  # the optimizer state goes off and comes back; the gradient buffers are freed
+        optimizer = max(phases[PHASES.index("train")].terms.get("optimizer", 0) for phases in plan.memory)
+        times["swap"] = 2 * optimizer / (SWAP_GB_PER_S * 1e9)
     return times
+
+
+def without_swap(plan: Plan) -> Plan | None:
+    """The same run with the training state left on the GPU while the engines generate (no colocated swap), the
+    engines given the smallest share that holds one rollout's KV cache; None when there is no swap or it does not
+    fit. The swap costs ~2 x optimizer bytes / SWAP_GB_PER_S a step (2 s at 3B), so a run that fits without it
+    should drop it."""
+    cfg, engine = plan.config, plan.engine
+    if not (plan.fits and swaps(cfg) and engine is not None):
+        return None
+    rollout = cfg.rollout
+    sequences = math.ceil(rollout.rollout_batch_size * rollout.n_samples_per_prompt / rollout.num_engines)
+    kv_tokens = max(longest_sequence(plan), sequences * typical_sequence_tokens(rollout))  # the whole rollout at once
+    share = (engine.weights + VLLM_RESERVE + kv_tokens * engine.kv_bytes_per_token) / plan.gpu.memory_bytes
+    share = math.ceil(share * 100) / 100
+    if share >= rollout.gpu_memory_utilization:
+        return None  # no smaller share to give: the swap is what makes room
+    config = dataclasses.replace(
+        cfg, rollout=dataclasses.replace(rollout, enable_sleep=False, gpu_memory_utilization=share)
+    )
+    alternative = make_plan(config, plan.gpu, plan.qwen)
+    return alternative if alternative.fits else None
 
 
 def _gib(value: int) -> str:
@@ -179,6 +219,14 @@ def render(plan: Plan) -> str:
                  + f", total {sum(times.values()):.0f} s (MFU {MFU}, sequences of max_model_len / 2)")
     if plan.fits:
         lines.append("VERDICT: fits")
+        alternative = without_swap(plan)
+        if alternative is not None:
+            peak = max(phase.total for phases in alternative.memory for phase in phases)
+            lines.append(
+                f"faster: without the colocated swap ({times['swap']:.1f} s a step) it fits too, peak {peak / GiB:.1f} "
+                f"GiB: rollout.enable_sleep=false rollout.gpu_memory_utilization="
+                f"{alternative.config.rollout.gpu_memory_utilization}"
+            )
     else:
         lines += ["VERDICT: does not fit:"] + [f"  - {x}" for x in plan.verdict]
     return "\n".join(lines)

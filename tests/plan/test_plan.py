@@ -13,7 +13,7 @@ from lmmrl_megatron.config import RunConfig, load_config
 from lmmrl_megatron.models.qwen_vl.config import QwenVLConfig
 from lmmrl_megatron.plan.gpus import get_gpu
 from lmmrl_megatron.plan.layout import layout_problems
-from lmmrl_megatron.plan.report import make_plan, render
+from lmmrl_megatron.plan.report import SWAP_GB_PER_S, make_plan, render, step_time, without_swap
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "configs" / "models"
@@ -37,6 +37,43 @@ def test_the_72b_plan_fits_on_4x8_h100_and_renders_every_phase() -> None:
     assert plan.stages[0].vision > 0 and all(s.vision == 0 for s in plan.stages[1:])
     peak = max(phase.total for phases in plan.memory for phase in phases)
     assert 0.5 * plan.gpu.memory_bytes < peak <= plan.gpu.memory_bytes
+
+
+def config_3b_one_gpu(*overrides: str) -> RunConfig:
+    """bench/vs_trl.py's run: Qwen2.5-VL-3B on one GPU, the engine colocated, 16 prompts x 4 answers x 256 tokens."""
+    return load_config(RunConfig, REPO / "configs" / "rloo_tiny.yaml", [
+        f"model.pretrain={MODELS / 'qwen2_5_vl_3b'}", "model.dtype=bf16", "trainer.num_gpus_per_node=1",
+        "trainer.actor_world_size=1", "parallel.tp=1", "rollout.backend=vllm", "rollout.rollout_batch_size=16",
+        "rollout.n_samples_per_prompt=4", "rollout.max_new_tokens=256", "trainer.train_batch_size=64",
+        "trainer.max_tokens_per_micro_batch=8192", *overrides,
+    ])
+
+
+def test_a_swap_that_is_not_needed_is_priced_and_the_run_without_it_is_named() -> None:
+    plan = make_plan(config_3b_one_gpu(), get_gpu("H200-141GB"))
+    assert plan.fits, plan.verdict
+    optimizer = plan.memory[0][2].terms["optimizer"]
+    assert step_time(plan)["swap"] == pytest.approx(2 * optimizer / (SWAP_GB_PER_S * 1e9))
+    # 3.755 B parameters: 12 bytes each of fp32 master weights and Adam moments go off and back every step
+    assert 1.8 < step_time(plan)["swap"] < 2.2
+    alternative = without_swap(plan)
+    assert alternative is not None and alternative.fits
+    rollout = alternative.config.rollout
+    assert rollout.enable_sleep is False and 0 < rollout.gpu_memory_utilization < 0.2
+    # the smallest share whose KV cache still holds one sequence of the model's full length
+    assert alternative.engine.kv_tokens >= plan.qwen.text.max_position_embeddings
+    assert "swap" not in step_time(alternative)
+    assert (f"rollout.enable_sleep=false rollout.gpu_memory_utilization={rollout.gpu_memory_utilization}"
+            in render(plan))
+    assert without_swap(alternative) is None  # nothing to drop any more
+    assert "faster: without the colocated swap" not in render(alternative)
+
+
+def test_a_swap_that_makes_the_room_is_kept() -> None:
+    plan = make_plan(config_72b(), get_gpu("H100-80GB"))
+    assert plan.fits and "swap" in step_time(plan), plan.verdict
+    assert without_swap(plan) is None  # the engines' share is the room the sleeping training state leaves
+    assert "faster: without" not in render(plan)
 
 
 def test_selective_recompute_does_not_fit_and_names_the_activations_and_the_knobs() -> None:
@@ -146,6 +183,22 @@ def test_parameter_counts_match_the_meta_device_build(name: str) -> None:
     planned = stage_params(qwen, layout)
     assert [(s.total, s.vision) for s in planned] == [(c["total"], c["vision"]) for c in built]
     assert sum(s.total for s in stage_params(qwen, ShardLayout())) > 72e9
+
+
+def test_the_3b_config_counts_as_built_and_as_transformers_counts_it() -> None:
+    from lmmrl_megatron.parallel.layout import ShardLayout
+    from lmmrl_megatron.plan.meta import meta_stage_counts
+    from lmmrl_megatron.plan.params import stage_params
+
+    qwen = QwenVLConfig.from_hf_dir(MODELS / "qwen2_5_vl_3b")
+    layout = ShardLayout(tp=2, pp=2)
+    assert [(s.total, s.vision) for s in stage_params(qwen, layout)] == [
+        (c["total"], c["vision"]) for c in meta_stage_counts(qwen, layout)
+    ]
+    # transformers' Qwen2_5_VLForConditionalGeneration at these shapes: 3.755 B (bench/model_step.py on the H200),
+    # the tied output layer counted once
+    whole = stage_params(qwen, ShardLayout())[0]
+    assert abs(whole.total - 3.755e9) < 1e6 and abs(whole.vision - 0.669e9) < 1e6
 
 
 def test_run_rloo_72b_dry_run_prints_the_plan_and_exits_0_when_it_fits() -> None:

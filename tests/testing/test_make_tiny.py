@@ -127,3 +127,13 @@ def test_command_line_entry_point(tmp_path: Path) -> None:
     assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
     assert "{% for message in messages %}" in QWEN_VL_CHAT_TEMPLATE
     assert (out / "chat_template.jinja").is_file() and (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.gpu
+def test_gpu_checkpoint_leaves_no_cached_memory_behind(tmp_path: Path) -> None:
+    # a benchmark writes its random checkpoint on the GPU and then trains there in the same process
+    sizes = ["text_config.hidden_size=512", "text_config.intermediate_size=2048", "text_config.num_hidden_layers=8"]
+    before = torch.cuda.memory_reserved()
+    out = make_tiny_checkpoint("qwen2_5_vl", tmp_path / "gpu", overrides=sizes, dtype="bf16", device="cuda")
+    assert (out / "model.safetensors").stat().st_size > 20 * 2**20  # the weights were big enough to be cached
+    assert torch.cuda.memory_reserved() == before

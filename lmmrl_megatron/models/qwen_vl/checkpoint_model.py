@@ -49,7 +49,8 @@ def build_meta_model(config: QwenVLConfig, dtype: DType, transformer_impl: Trans
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
 
     options = QwenVLBuildOptions(
-        dtype=dtype, transformer_impl=transformer_impl, use_cpu_initialization=True, perform_initialization=False
+        dtype=dtype, transformer_impl=transformer_impl, use_cpu_initialization=True, perform_initialization=False,
+        meta_device=True,
     )
     with _cuda_device_reads_as_meta(), torch.device("meta"):
         return QwenVLModel(config, options)

@@ -212,6 +212,9 @@ class QwenVLBuildOptions:
     make_vocab_size_divisible_by: int = 128
     use_cpu_initialization: bool = False
     perform_initialization: bool = True  # False when weights are loaded right after building
+    # built on the meta device (planner, converters): Megatron then skips the first/last-stage all-reduce of tied
+    # embeddings, which would move a meta weight to CUDA
+    meta_device: bool = False
 
     def __post_init__(self) -> None:
         if self.make_vocab_size_divisible_by < 1:
@@ -288,6 +291,7 @@ def decoder_transformer_config(config: QwenVLConfig, options: QwenVLBuildOptions
         moe_token_dispatcher_type="alltoall",  # unused (dense model); the default refuses variable_seq_lengths
         use_cpu_initialization=options.use_cpu_initialization,
         perform_initialization=options.perform_initialization,
+        init_model_with_meta_device=options.meta_device,
         # The fused kernels below need apex / transformer-engine; the unfused paths are exact.
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
