@@ -5,6 +5,7 @@
         .tmp-step_00000020 a save in progress (or one a crash interrupted): never read, removed by the next save
                            of any step and when a run starts
         latest             the name of the newest committed checkpoint, for people and tools
+        superseded-<time>/ an earlier run's checkpoints after the step this run started from, moved aside
 
 A save is two-phase so every rank can write into the staging directory (a Megatron distributed checkpoint) before
 one rank commits it: `stage(step)` -> ranks write -> barrier -> `commit(step)`. A crash at any point leaves the
@@ -34,6 +35,10 @@ _PREFIX = "step_"
 
 def _step_dir_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
+
+
+def _step_of(directory: Path) -> int:
+    return int(directory.name[len(_PREFIX) :])
 
 
 @dataclass
@@ -104,7 +109,7 @@ class CheckpointManager:
             for p in self.root.iterdir()
             if p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit() and (p / COMPLETE_MARKER).is_file()
         ]
-        return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+        return sorted(found, key=_step_of)
 
     def latest(self) -> Path | None:
         """The complete checkpoint of the highest step (the `latest` file may lag a crash behind it)."""
@@ -121,6 +126,27 @@ class CheckpointManager:
         if not (path / COMPLETE_MARKER).is_file():
             raise ValueError(f"checkpoint.resume={resume!r} is not a complete checkpoint (no {COMPLETE_MARKER} file)")
         return path
+
+    def supersede_after(self, step: int) -> list[Path]:
+        """Move the committed checkpoints of steps after `step` (where this run starts: 0 afresh) into
+        `superseded-<UTC time>/`; returns where they went. Left in place they would belong to another run and
+        outrank this one's: pruning by step would delete this run's saves as the oldest, and `resume: auto`
+        would pick the earlier run's highest step. Moved, not deleted: they are an earlier run's work."""
+        later = [path for path in self.committed() if _step_of(path) > step]
+        if not later:
+            return []
+        folder = self.root / f"superseded-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}"
+        folder.mkdir()
+        moved = []
+        for path in later:
+            os.replace(path, folder / path.name)  # atomic per checkpoint: a crash leaves each whole on one side
+            moved.append(folder / path.name)
+        newest = self.latest()
+        if newest is not None:
+            self._write_latest(newest.name)
+        else:
+            (self.root / "latest").unlink(missing_ok=True)
+        return moved
 
     def _prune(self) -> None:
         for old in self.committed()[: -self.keep_last]:

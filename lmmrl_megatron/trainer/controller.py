@@ -88,6 +88,10 @@ class RLTrainer:
             resume_from = self.checkpoints.resolve_resume(config.checkpoint.resume)
             if resume_from is not None:
                 self._load(resume_from)
+            superseded = self.checkpoints.supersede_after(self.step)
+            if superseded:
+                print(f"checkpoints: {len(superseded)} of an earlier run after step {self.step} "
+                      f"({', '.join(p.name for p in superseded)}) moved to {superseded[0].parent}")
             if self.swap_colocated:
                 self.policy.offload()  # between steps the policy holds only its weights; the engines generate
             self.metrics = MetricsLogger(

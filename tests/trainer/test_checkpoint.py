@@ -95,3 +95,32 @@ def test_rng_state_round_trip() -> None:
     restore_rng_state(state)
     second = (random.random(), np.random.rand(), torch.rand(3))
     assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+
+
+def test_a_fresh_run_moves_an_earlier_runs_checkpoints_aside_and_keeps_its_own(tmp_path: Path) -> None:
+    earlier = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    for step in (40, 60):
+        save(earlier, step, f"old{step}")
+    fresh = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    moved = fresh.supersede_after(0)  # checkpoint.resume=none: the run starts at step 0
+    assert [p.name for p in moved] == ["step_00000040", "step_00000060"]
+    assert moved[0].parent.name.startswith("superseded-") and moved[0].parent.parent == fresh.root
+    assert (moved[1] / "weights.txt").read_text() == "old60"  # moved whole, not deleted
+    assert fresh.committed() == [] and fresh.resolve_resume("auto") is None
+    assert not (fresh.root / "latest").exists()
+    save(fresh, 4, "new4")  # not pruned as the oldest, and what resume=auto finds
+    assert [p.name for p in fresh.committed()] == ["step_00000004"]
+    assert fresh.resolve_resume("auto").name == "step_00000004"
+    assert (fresh.root / "latest").read_text().strip() == "step_00000004"
+    fresh.remove_debris()  # a later start keeps the superseded folder
+    assert (moved[0] / "weights.txt").read_text() == "old40"
+
+
+def test_a_run_resumed_from_an_earlier_step_supersedes_only_the_later_ones(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=3)
+    for step in (10, 20, 30):
+        save(manager, step, f"w{step}")
+    assert [p.name for p in manager.supersede_after(10)] == ["step_00000020", "step_00000030"]
+    assert [p.name for p in manager.committed()] == ["step_00000010"]
+    assert (manager.root / "latest").read_text().strip() == "step_00000010"
+    assert manager.supersede_after(10) == []  # resume=auto from the newest: nothing is later

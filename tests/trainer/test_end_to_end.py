@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lmmrl_megatron.config import RunConfig, load_config
+from lmmrl_megatron.trainer.checkpoint import CheckpointManager
 from tests.trainer.e2e import REPO, make_config, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -94,6 +95,14 @@ def test_resume_reproduces_the_uninterrupted_run(assets, tmp_path: Path) -> None
         for step in range(4):
             assert resumed[step][key] == pytest.approx(whole[step][key], rel=1e-4, abs=1e-6), (key, step + 1)
     assert first_half[1]["reward/mean"] == whole[1]["reward/mean"]
+    # A fresh run (resume=none) in the whole run's folder: its step-1 checkpoint is the one kept and found, and the
+    # whole run's step 4 is moved aside, not pruned and not resumed from.
+    fresh = run(make_config(assets, tmp_path / "whole", "trainer.max_steps=1", "checkpoint.resume=none"))
+    assert [r["step"] for r in fresh] == [1]
+    checkpoints = CheckpointManager(tmp_path / "whole" / "checkpoints")
+    assert [p.name for p in checkpoints.committed()] == ["step_00000001"]
+    (superseded,) = checkpoints.root.glob("superseded-*/step_00000004")
+    assert (superseded / "COMPLETE").is_file()
 
 
 def test_evaluation_before_and_after_training_plots_and_lmmrl_eval(assets, tmp_path: Path) -> None:
