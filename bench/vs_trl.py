@@ -89,6 +89,8 @@ def step_summary(step_seconds: list[float], step_tokens: list[float], warmup: in
 
 
 def run_ours(args: argparse.Namespace, overrides: list[str]) -> dict:
+    from lmmrl_megatron.plan.memory import swaps  # the trainer's own test: its RL step swaps exactly then
+
     work = Path(args.work)
     model_dir, data_dir = prepare(work, args.shape, dtype_of(args))
     backend = args.ours_backend or ("vllm" if args.device == "cuda" else "hf")
@@ -116,7 +118,7 @@ def run_ours(args: argparse.Namespace, overrides: list[str]) -> dict:
     result["phases_s"] = {key: sum(r.get(key, 0.0) for r in records[args.warmup:]) / args.steps for key in phases}
     result["detail"] = ", ".join([
         f"rollout.backend={backend}", f"micro-batch {config.trainer.max_tokens_per_micro_batch} tokens",
-        "swap on" if config.trainer.colocate_all_models and config.rollout.enable_sleep else "no swap",
+        "swap on" if swaps(config) else "no swap",
         *overrides,
     ])
     return result

@@ -41,17 +41,9 @@ def fake_world(layout: ShardLayout, tp_rank: int, pp_rank: int) -> Iterator[None
 def meta_chunk(config: QwenVLConfig, layout: ShardLayout, pp_rank: int):
     """This rank's chunk of our model on the meta device, a whole pipeline stage (`layout` without virtual stages;
     call inside `fake_world(layout, ..., pp_rank)`)."""
-    from lmmrl_megatron.models.qwen_vl.checkpoint_model import _cuda_device_reads_as_meta
-    from lmmrl_megatron.models.qwen_vl.config import QwenVLBuildOptions
-    from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
+    from lmmrl_megatron.models.qwen_vl.checkpoint_model import build_meta_model
 
-    assert layout.vpp is None, "a meta chunk is a whole pipeline stage"
-    options = QwenVLBuildOptions(layout=layout, dtype="bf16", use_cpu_initialization=True, perform_initialization=False,
-                                 meta_device=True)
-    with _cuda_device_reads_as_meta(), torch.device("meta"):
-        return QwenVLModel(
-            config, options, pre_process=layout.is_first_chunk(pp_rank), post_process=layout.is_last_chunk(pp_rank)
-        )
+    return build_meta_model(config, "bf16", layout=layout, pp_rank=pp_rank)
 
 
 def meta_stage_counts(config: QwenVLConfig, layout: ShardLayout) -> list[dict[str, int]]:

@@ -126,6 +126,11 @@ def typical_sequence_tokens(rollout: RolloutConfig) -> float:
     return (rollout.max_model_len or rollout.max_new_tokens * 2) / 2
 
 
+def sequences_per_engine(rollout: RolloutConfig) -> int:
+    """One step's responses over the engines: what each engine generates (and caches) in a step."""
+    return math.ceil(rollout.rollout_batch_size * rollout.n_samples_per_prompt / rollout.num_engines)
+
+
 def step_time(plan: Plan) -> dict[str, float]:
     """Rough seconds per phase: decode bound by HBM bandwidth, forward/backward by FLOPs at MFU, sync by bytes.
     Sequences (prompt + response) are taken as half of max_model_len."""
@@ -136,7 +141,7 @@ def step_time(plan: Plan) -> dict[str, float]:
     seq_len = typical_sequence_tokens(rollout)
     times: dict[str, float] = {}
     if engine is not None:
-        per_engine = math.ceil(sequences / rollout.num_engines)
+        per_engine = sequences_per_engine(rollout)
         concurrent = max(1, min(per_engine, engine.kv_tokens // max(1, int(seq_len))))
         kv_read = concurrent * seq_len / 2 * engine.kv_bytes_per_token
         decode_step = (engine.weights + kv_read) / (gpu.hbm_tb_per_s * 1e12 * 0.7)
@@ -163,8 +168,8 @@ def without_swap(plan: Plan) -> Plan | None:
     if not (plan.fits and swaps(cfg) and engine is not None):
         return None
     rollout = cfg.rollout
-    sequences = math.ceil(rollout.rollout_batch_size * rollout.n_samples_per_prompt / rollout.num_engines)
-    kv_tokens = max(longest_sequence(plan), sequences * typical_sequence_tokens(rollout))  # the whole rollout at once
+    # the whole rollout at once
+    kv_tokens = max(longest_sequence(plan), sequences_per_engine(rollout) * typical_sequence_tokens(rollout))
     share = (engine.weights + VLLM_RESERVE + kv_tokens * engine.kv_bytes_per_token) / plan.gpu.memory_bytes
     share = math.ceil(share * 100) / 100
     if share >= rollout.gpu_memory_utilization:

@@ -32,6 +32,7 @@ from lmmrl_megatron.config.schema import RunConfig
 from lmmrl_megatron.config.validate import validate_run_config
 from lmmrl_megatron.learner.lr_schedule import learning_rate
 from lmmrl_megatron.learner.rollout_batch import PromptInputs, RolloutBatch
+from lmmrl_megatron.plan.memory import swaps
 from lmmrl_megatron.rollout.engine import MultimodalPrompt, SamplingParams
 from lmmrl_megatron.trainer import faults
 from lmmrl_megatron.trainer.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
@@ -81,7 +82,7 @@ class RLTrainer:
             self.placement_group = pg
             self.policy = PolicyGroup(config, pg, policy_offset, self.use_reference, self.use_critic)
             self.rollout = RolloutGroup(config, pg, rollout_offset)
-            self.swap_colocated = config.trainer.colocate_all_models and config.rollout.enable_sleep
+            self.swap_colocated = swaps(config)  # the planner's test, so its memory phases are this step's
             self.kl_controller = make_kl_controller(config.algorithm)
             self.reward_moments = make_reward_moments(config.algorithm)
             self.step = 0

@@ -24,6 +24,7 @@ from lmmrl_megatron.convert.hf_io import TensorSpec
 from lmmrl_megatron.convert.mapping import MappedParam, hf_to_mcore_shard, mcore_shards_to_hf
 from lmmrl_megatron.models.qwen_vl.mapping import TransformerImpl, qwen_vl_params
 from lmmrl_megatron.models.qwen_vl.config import DType, QwenVLBuildOptions, QwenVLConfig
+from lmmrl_megatron.parallel.layout import ShardLayout
 
 DTYPE_NAMES: dict[torch.dtype, DType] = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -44,16 +45,27 @@ def _cuda_device_reads_as_meta() -> Iterator[None]:
         torch.cuda.current_device = original  # type: ignore[assignment]
 
 
-def build_meta_model(config: QwenVLConfig, dtype: DType, transformer_impl: TransformerImpl = "local"):
-    """The whole model (one chunk, TP=1, PP=1) on the meta device; needs Megatron's parallel state at TP=1, PP=1."""
+def build_meta_model(
+    config: QwenVLConfig,
+    dtype: DType,
+    transformer_impl: TransformerImpl = "local",
+    layout: ShardLayout | None = None,
+    pp_rank: int = 0,
+):
+    """The model on the meta device: by default the whole model (one chunk, TP=1, PP=1), else pipeline stage
+    `pp_rank` of `layout` (a whole stage, no virtual chunks); needs Megatron's parallel state at that layout."""
     from lmmrl_megatron.models.qwen_vl.model import QwenVLModel
 
+    layout = layout or ShardLayout()
+    assert layout.vpp is None, "a meta build is a whole pipeline stage"
     options = QwenVLBuildOptions(
-        dtype=dtype, transformer_impl=transformer_impl, use_cpu_initialization=True, perform_initialization=False,
-        meta_device=True,
+        layout=layout, dtype=dtype, transformer_impl=transformer_impl, use_cpu_initialization=True,
+        perform_initialization=False, meta_device=True,
     )
     with _cuda_device_reads_as_meta(), torch.device("meta"):
-        return QwenVLModel(config, options)
+        return QwenVLModel(
+            config, options, pre_process=layout.is_first_chunk(pp_rank), post_process=layout.is_last_chunk(pp_rank)
+        )
 
 
 class QwenVLCheckpointModel:
